@@ -1,0 +1,56 @@
+"""`routescan featurize`: traces -> a fingerprint table (Parquet or JSONL)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from routescan.cli.common import console, friendly_errors
+from routescan.features.fingerprint import FingerprintMismatch, FingerprintSpec, fingerprint
+from routescan.features.table import write_table
+from routescan.telemetry.io import TraceFileError, iter_trace_rows
+
+
+def featurize(
+    traces: Annotated[Path, typer.Argument(help="Trace file (.jsonl or .parquet) from `routescan collect`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Fingerprint table, .parquet (wide, one column "
+                                      "per feature) or .jsonl.")],
+    skip_bad: Annotated[bool, typer.Option(help="Report and skip invalid or mismatched rows instead of "
+                                           "stopping at the first.")] = False,
+) -> None:
+    """Turn each trace into its fixed-length routing fingerprint (spec routescan.fp/1).
+
+    Features per MoE layer: each expert's share of the layer's expert threads, the layer's threads
+    per prompt token, the active-expert count and the routing entropy. All traces of one file must
+    share a model, launch model and layer layout (taken from the first valid trace).
+    """
+    friendly_errors(_featurize)(traces, out, skip_bad)
+
+
+def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
+    spec: FingerprintSpec | None = None
+    fps, bad = [], 0
+    with Progress(TextColumn("featurizing"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("f", total=None)
+        for number, item in iter_trace_rows(traces):
+            try:
+                if isinstance(item, TraceFileError):
+                    raise item
+                spec = spec or FingerprintSpec.from_trace(item)
+                fps.append(fingerprint(item, spec))
+            except (TraceFileError, FingerprintMismatch) as exc:
+                if not skip_bad:
+                    raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
+                bad += 1
+                console.print(f"[yellow]skipped[/] row {number}: {exc}", highlight=False)
+            bar.advance(task)
+    if spec is None:
+        raise ValueError(f"{traces}: no valid trace to featurize")
+    write_table(out, spec, fps)
+    console.print(f"wrote {len(fps)} fingerprints of {spec.dim} features to {out}" + (f" ({bad} skipped)" if bad else ""))
+    typer.echo(json.dumps({"fingerprints": len(fps), "skipped": bad, "features": spec.dim, "out": str(out)}))

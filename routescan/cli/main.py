@@ -1,0 +1,43 @@
+"""The `routescan` command: collect -> featurize -> inspect (later: train, evaluate, serve, score)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from routescan import __version__
+from routescan.cli.collect import collect
+from routescan.cli.featurize import featurize
+from routescan.cli.inspect_cmd import inspect
+
+app = typer.Typer(
+    name="routescan",
+    help="Privacy-preserving safety auditing of MoE LLMs from expert-kernel launch telemetry. "
+    "Traces hold per-(layer, expert) launch aggregates only: never prompt text.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"routescan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """RouteScan command line."""
+
+
+app.command(no_args_is_help=False)(collect)
+app.command()(featurize)
+app.command()(inspect)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,82 @@
+"""Load a transformers MoE for collection: from a local directory, or a seeded tiny one.
+
+Weights are read from disk only (``local_files_only``): the collection hosts have no model hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from routescan.models.adapters import MoEAdapter, get_adapter
+from routescan.models.tiny import build_tiny_moe, tiny_model_types
+from routescan.models.tokenizer import ByteTokenizer, HFPromptEncoder, PromptEncoder
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedMoE:
+    model: PreTrainedModel
+    encoder: PromptEncoder
+    adapter: MoEAdapter
+    model_id: str
+
+
+def load_tiny(model_type: str, *, seed: int = 0, experts_implementation: str = "eager") -> LoadedMoE:
+    try:
+        model = build_tiny_moe(model_type, seed=seed, experts_implementation=experts_implementation)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return LoadedMoE(model, ByteTokenizer(), get_adapter(model), model.config.name_or_path)
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    experts_implementation: str = "eager",
+    chat_template: bool | None = None,
+    system_prompt: str | None = None,
+    model_id: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedMoE:
+    """Load a model saved with ``save_pretrained`` (config + weights + tokenizer) from ``path``.
+
+    ``experts_implementation="eager"`` is the default because only transformers' per-expert loop
+    launches kernels whose sizes follow per-expert token counts; transformers 5 otherwise picks
+    ``grouped_mm`` (one kernel per projection, offsets kept on the device).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a directory. Pass a model saved with save_pretrained(), or --tiny ARCH")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path}: no config.json here; is this a transformers model directory?")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, experts_implementation=experts_implementation, dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: could not load the model or its tokenizer: {exc}") from exc
+    model.eval()
+    adapter = get_adapter(model)
+    encoder = HFPromptEncoder(tokenizer, chat_template=chat_template, system_prompt=system_prompt)
+    return LoadedMoE(model, encoder, adapter, model_id or _model_id_from(model, path))
+
+
+def _model_id_from(model: PreTrainedModel, path: Path) -> str:
+    name = getattr(model.config, "name_or_path", "") or path.name
+    # A local path is not an identity; keep its last two components, which usually name the model.
+    parts = [p for p in Path(str(name)).parts if p not in ("/", "")]
+    ident = "/".join(parts[-2:]) if len(parts) > 1 else (parts[0] if parts else path.name)
+    return "".join(c if c.isalnum() or c in "._:/@+-" else "-" for c in ident)[:200]
+
+
+__all__ = ["LoadedMoE", "ModelLoadError", "load_pretrained", "load_tiny", "tiny_model_types"]

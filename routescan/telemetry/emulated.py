@@ -1,0 +1,168 @@
+"""The emulated collector: run a model's prefill on CPU, read routing from the adapters, and turn
+per-(layer, expert) routed counts into the launches a GPU backend would make (a launch model).
+
+It produces exactly the trace a GPU collector would for the same routing, with no GPU: that is
+what lets the detector be trained and tested on machines without one. Only per-request
+aggregates are kept: counts per (layer, expert), never which token went where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from routescan.models.loading import LoadedMoE
+from routescan.telemetry.launch import LaunchModel
+from routescan.telemetry.schema import RequestTrace
+
+
+class CollectionError(ValueError):
+    """A request could not be collected; the message names it by id, never by text."""
+
+
+@dataclass
+class Request:
+    """One request to collect. ``text`` is used for encoding and then dropped."""
+
+    trace_id: str
+    text: str = field(repr=False)
+    row: int | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoutingCounts:
+    """Per-request routing aggregate: layer -> routed (token, slot) pairs per expert."""
+
+    tokens: int
+    counts: dict[int, list[int]]
+
+
+def build_trace(
+    loaded: LoadedMoE,
+    launch_model: LaunchModel,
+    routing: RoutingCounts,
+    *,
+    trace_id: str,
+    collector: str,
+    row: int | None = None,
+    labels: dict[str, Any] | None = None,
+) -> RequestTrace:
+    """A trace from routing counts through a launch model (shared by every router-level collector)."""
+    launches = []
+    for layer in loaded.adapter.layers:
+        launches.extend(
+            launch_model.layer_launches(layer.layer, layer.dims(), routing.counts[layer.layer], routing.tokens)
+        )
+    adapter = loaded.adapter
+    return RequestTrace(
+        trace_id=trace_id,
+        model_id=loaded.model_id,
+        collector=collector,
+        launch_model=launch_model.name,
+        unit=launch_model.unit,
+        layers=[layer.layer for layer in adapter.layers],
+        experts_per_layer=[layer.num_experts for layer in adapter.layers],
+        top_k=[layer.top_k for layer in adapter.layers],
+        prompt_tokens=routing.tokens,
+        launches=launches,
+        row=row,
+        labels=labels or {},
+        experts_implementation=adapter.experts_implementation,
+    )
+
+
+class EmulatedCollector:
+    """Prefill on CPU (or any torch device) with routers hooked; traces through launch models.
+
+    Requests are batched with right padding; padding positions are dropped before counting, and a
+    test proves batched and one-by-one collection give identical traces.
+    """
+
+    name = "emulated"
+
+    def __init__(
+        self,
+        loaded: LoadedMoE,
+        launch_models: Sequence[LaunchModel],
+        *,
+        batch_size: int = 8,
+        max_tokens: int = 4096,
+    ) -> None:
+        if not launch_models:
+            raise ValueError("at least one launch model is needed")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.loaded = loaded
+        self.launch_models = list(launch_models)
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self._device = next(loaded.model.parameters()).device
+
+    def route(self, requests: Sequence[Request]) -> list[RoutingCounts]:
+        """Prefill ``requests`` as one batch and return each one's routing counts."""
+        encoded = []
+        for request in requests:
+            ids = self.loaded.encoder.encode(request.text)
+            if not ids:
+                raise CollectionError(f"request {request.trace_id}: the prompt encodes to no tokens")
+            if len(ids) > self.max_tokens:
+                raise CollectionError(
+                    f"request {request.trace_id}: {len(ids)} tokens exceed max_tokens={self.max_tokens} "
+                    "(raise --max-tokens or shorten the request)"
+                )
+            encoded.append(ids)
+        width = max(len(ids) for ids in encoded)
+        pad = self.loaded.encoder.pad_id
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[i, : len(ids)] = 1
+        adapter = self.loaded.adapter
+        with torch.inference_mode(), adapter.record() as recorder:
+            self.loaded.model(
+                input_ids=input_ids.to(self._device),
+                attention_mask=attention.to(self._device),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            selections = recorder.selections()
+        out: list[RoutingCounts] = []
+        for i, ids in enumerate(encoded):
+            start = i * width
+            counts: dict[int, list[int]] = {}
+            for layer in adapter.layers:
+                chosen = selections[layer.layer][start : start + len(ids)]
+                counts[layer.layer] = torch.bincount(chosen.reshape(-1), minlength=layer.num_experts).tolist()
+            out.append(RoutingCounts(tokens=len(ids), counts=counts))
+        return out
+
+    def collect_batch(self, requests: Sequence[Request]) -> list[dict[str, RequestTrace]]:
+        """Traces of one batch: for each request, launch-model name -> trace."""
+        results = []
+        for request, routing in zip(requests, self.route(requests), strict=True):
+            results.append(
+                {
+                    lm.name: build_trace(
+                        self.loaded, lm, routing, trace_id=request.trace_id, collector=self.name,
+                        row=request.row, labels=request.labels,
+                    )
+                    for lm in self.launch_models
+                }
+            )
+        return results
+
+    def collect(self, requests: Iterable[Request]) -> Iterator[tuple[Request, dict[str, RequestTrace]]]:
+        """Stream ``(request, traces)`` in input order, ``batch_size`` prompts per forward pass."""
+        batch: list[Request] = []
+        for request in requests:
+            batch.append(request)
+            if len(batch) == self.batch_size:
+                yield from zip(batch, self.collect_batch(batch), strict=True)
+                batch = []
+        if batch:
+            yield from zip(batch, self.collect_batch(batch), strict=True)
