@@ -67,45 +67,97 @@ def _open_outputs(paths: dict[str, Path], resume: bool) -> tuple[dict[str, Path]
 
 
 def collect(
-    prompts: Annotated[Path | None, typer.Option(
-        "--prompts", "-p", help="CSV/TSV, JSONL, JSON array or TXT (one prompt a line). Default: the "
-        "embedded demo prompts.", show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Trace file, .jsonl or .parquet.",
-                                      envvar="ROUTESCAN_OUT")] = Path(_D.get("out", "routescan-demo/traces.jsonl")),
-    model: Annotated[Path | None, typer.Option(
-        "--model", "-m", help="A transformers MoE saved with save_pretrained() (weights read from disk only).",
-        show_default=False)] = None,
-    tiny: Annotated[str | None, typer.Option(
-        help=f"A seeded tiny random MoE instead of --model: {', '.join(tiny_model_types())}. "
-        f"Default when neither is given: {_D.get('tiny', 'mixtral')}.", show_default=False,
-        envvar="ROUTESCAN_TINY")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            "-p",
+            help="CSV/TSV, JSONL, JSON array or TXT (one prompt a line). Default: the embedded demo prompts.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Trace file, .jsonl or .parquet.", envvar="ROUTESCAN_OUT")
+    ] = Path(_D.get("out", "routescan-demo/traces.jsonl")),
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A transformers MoE saved with save_pretrained() (weights read from disk only).",
+            show_default=False,
+        ),
+    ] = None,
+    tiny: Annotated[
+        str | None,
+        typer.Option(
+            help=f"A seeded tiny random MoE instead of --model: {', '.join(tiny_model_types())}. "
+            f"Default when neither is given: {_D.get('tiny', 'mixtral')}.",
+            show_default=False,
+            envvar="ROUTESCAN_TINY",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --tiny model's weights.")] = int(_D.get("seed", 0)),
-    launch_model: Annotated[list[str] | None, typer.Option(
-        "--launch-model", "-l", help="Launch model(s) to emit (repeat for several from one forward pass; "
-        f"built-in: {', '.join(available_launch_models())}, or a YAML path). Several write "
-        "<out-stem>.<name><suffix> each.", envvar="ROUTESCAN_LAUNCH_MODELS", show_default=False)] = None,
-    text_column: Annotated[str, typer.Option(help="Column / field holding the prompt.",
-                                             envvar="ROUTESCAN_TEXT_COLUMN")] = _D.get("text_column", "prompt"),
-    id_column: Annotated[str | None, typer.Option(
-        help="Column holding opaque request ids (default: row-<n>).", show_default=False)] = None,
-    label_column: Annotated[list[str] | None, typer.Option(
-        "--label-column", help="Column(s) carried into each trace's labels (short tokens or numbers).",
-        show_default=False)] = None,
+    launch_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--launch-model",
+            "-l",
+            help="Launch model(s) to emit (repeat for several from one forward pass; "
+            f"built-in: {', '.join(available_launch_models())}, or a YAML path). Several write "
+            "<out-stem>.<name><suffix> each.",
+            envvar="ROUTESCAN_LAUNCH_MODELS",
+            show_default=False,
+        ),
+    ] = None,
+    text_column: Annotated[
+        str, typer.Option(help="Column / field holding the prompt.", envvar="ROUTESCAN_TEXT_COLUMN")
+    ] = _D.get("text_column", "prompt"),
+    id_column: Annotated[
+        str | None,
+        typer.Option(help="Column holding opaque request ids (default: row-<n>).", show_default=False),
+    ] = None,
+    label_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label-column",
+            help="Column(s) carried into each trace's labels (short tokens or numbers).",
+            show_default=False,
+        ),
+    ] = None,
     skip_empty: Annotated[bool, typer.Option(help="Skip empty prompts instead of stopping.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Collect at most this many prompts.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per prefill forward pass.",
-                                            envvar="ROUTESCAN_BATCH_SIZE")] = int(_D.get("batch_size", 8)),
-    max_tokens: Annotated[int, typer.Option(help="Refuse longer requests (never truncates).",
-                                            envvar="ROUTESCAN_MAX_TOKENS")] = int(_D.get("max_tokens", 4096)),
-    chat_template: Annotated[bool | None, typer.Option(
-        "--chat-template/--no-chat-template", help="Wrap each prompt in the tokenizer's chat template "
-        "(default: when it has one).", show_default=False)] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System message for the chat template.",
-                                                      show_default=False)] = None,
-    model_id: Annotated[str | None, typer.Option(help="Model id to write into traces (default: from the "
-                                                 "model's config).", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume/--overwrite", help="Skip requests already in --out "
-                                         "(default), or start the file over.")] = True,
+    limit: Annotated[
+        int | None, typer.Option(help="Collect at most this many prompts.", show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts per prefill forward pass.", envvar="ROUTESCAN_BATCH_SIZE")
+    ] = int(_D.get("batch_size", 8)),
+    max_tokens: Annotated[
+        int, typer.Option(help="Refuse longer requests (never truncates).", envvar="ROUTESCAN_MAX_TOKENS")
+    ] = int(_D.get("max_tokens", 4096)),
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="Wrap each prompt in the tokenizer's chat template (default: when it has one).",
+            show_default=False,
+        ),
+    ] = None,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System message for the chat template.", show_default=False)
+    ] = None,
+    model_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Model id to write into traces (default: from the model's config).", show_default=False
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--overwrite", help="Skip requests already in --out (default), or start the file over."
+        ),
+    ] = True,
 ) -> None:
     """Run prompts through an MoE model's prefill and write one expert-launch trace per request.
 
@@ -125,7 +177,7 @@ def collect(
     friendly_errors(_collect)(**locals())
 
 
-def _collect(**kw) -> None:  # noqa: ANN003 - mirrors collect()'s options
+def _collect(**kw) -> None:
     if kw["model"] is not None and kw["tiny"] is not None:
         raise ValueError("give --model or --tiny, not both")
     names = kw["launch_model"] or list(_D.get("launch_models", ["hf-eager"]))
@@ -139,10 +191,15 @@ def _collect(**kw) -> None:  # noqa: ANN003 - mirrors collect()'s options
     label_columns = list(kw["label_column"] or [])
     if kw["prompts"] is None and not label_columns:
         label_columns = ["label", "set"]
-    rows = list(read_prompts(
-        prompts_path, text_column=kw["text_column"], id_column=kw["id_column"], label_columns=label_columns,
-        skip_empty=kw["skip_empty"],
-    ))
+    rows = list(
+        read_prompts(
+            prompts_path,
+            text_column=kw["text_column"],
+            id_column=kw["id_column"],
+            label_columns=label_columns,
+            skip_empty=kw["skip_empty"],
+        )
+    )
     if kw["limit"] is not None:
         rows = rows[: kw["limit"]]
 
@@ -154,8 +211,12 @@ def _collect(**kw) -> None:  # noqa: ANN003 - mirrors collect()'s options
 
     if todo:
         if kw["model"] is not None:
-            loaded = load_pretrained(kw["model"], chat_template=kw["chat_template"],
-                                     system_prompt=kw["system_prompt"], model_id=kw["model_id"])
+            loaded = load_pretrained(
+                kw["model"],
+                chat_template=kw["chat_template"],
+                system_prompt=kw["system_prompt"],
+                model_id=kw["model_id"],
+            )
         else:
             loaded = load_tiny(kw["tiny"] or _D.get("tiny", "mixtral"), seed=kw["seed"])
             if kw["model_id"]:
@@ -163,17 +224,28 @@ def _collect(**kw) -> None:  # noqa: ANN003 - mirrors collect()'s options
         impl = loaded.adapter.experts_implementation
         console.print(
             f"model [bold]{loaded.model_id}[/] ({loaded.adapter.arch.name}, {len(loaded.adapter.layers)} MoE "
-            f"layers, experts_implementation={impl}); launch models: {', '.join(names)}", highlight=False,
+            f"layers, experts_implementation={impl}); launch models: {', '.join(names)}",
+            highlight=False,
         )
         if impl != "eager" and any(lm.per_expert for lm in launch_models):
-            console.print("[yellow]note:[/] per-expert launch sizes need experts_implementation='eager' on the GPU;"
-                          " the emulator computes them from routing regardless")
-        collector = EmulatedCollector(loaded, launch_models, batch_size=kw["batch_size"], max_tokens=kw["max_tokens"])
+            console.print(
+                "[yellow]note:[/] per-expert launch sizes need experts_implementation='eager' on the GPU;"
+                " the emulator computes them from routing regardless"
+            )
+        collector = EmulatedCollector(
+            loaded, launch_models, batch_size=kw["batch_size"], max_tokens=kw["max_tokens"]
+        )
         requests = (Request(r.trace_id, r.text, row=r.row, labels=r.labels) for r in todo)
         handles = {name: staging[name].open("a", encoding="utf-8") for name in names}
         try:
-            with Progress(TextColumn("collecting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          console=console, transient=not console.is_terminal) as bar:
+            with Progress(
+                TextColumn("collecting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=not console.is_terminal,
+            ) as bar:
                 task = bar.add_task("collect", total=len(todo))
                 for _request, traces in collector.collect(requests):
                     for name, trace in traces.items():
@@ -189,5 +261,9 @@ def _collect(**kw) -> None:  # noqa: ANN003 - mirrors collect()'s options
             write_traces(final, read_traces(stage))
             os.remove(stage)
         console.print(f"wrote {final}")
-    summary = {"requests": len(rows), "collected_now": len(todo), "outputs": {k: str(v) for k, v in paths.items()}}
+    summary = {
+        "requests": len(rows),
+        "collected_now": len(todo),
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
     typer.echo(json.dumps(summary))

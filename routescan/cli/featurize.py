@@ -17,10 +17,16 @@ from routescan.telemetry.io import TraceFileError, iter_trace_rows
 
 def featurize(
     traces: Annotated[Path, typer.Argument(help="Trace file (.jsonl or .parquet) from `routescan collect`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Fingerprint table, .parquet (wide, one column "
-                                      "per feature) or .jsonl.")],
-    skip_bad: Annotated[bool, typer.Option(help="Report and skip invalid or mismatched rows instead of "
-                                           "stopping at the first.")] = False,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Fingerprint table, .parquet (wide, one column per feature) or .jsonl."
+        ),
+    ],
+    skip_bad: Annotated[
+        bool,
+        typer.Option(help="Report and skip invalid or mismatched rows instead of stopping at the first."),
+    ] = False,
 ) -> None:
     """Turn each trace into its fixed-length routing fingerprint (spec routescan.fp/1).
 
@@ -34,8 +40,9 @@ def featurize(
 def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
     spec: FingerprintSpec | None = None
     fps, bad = [], 0
-    with Progress(TextColumn("featurizing"), BarColumn(), MofNCompleteColumn(), console=console,
-                  transient=True) as bar:
+    with Progress(
+        TextColumn("featurizing"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
+    ) as bar:
         task = bar.add_task("f", total=None)
         for number, item in iter_trace_rows(traces):
             try:
@@ -52,5 +59,8 @@ def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
     if spec is None:
         raise ValueError(f"{traces}: no valid trace to featurize")
     write_table(out, spec, fps)
-    console.print(f"wrote {len(fps)} fingerprints of {spec.dim} features to {out}" + (f" ({bad} skipped)" if bad else ""))
+    console.print(
+        f"wrote {len(fps)} fingerprints of {spec.dim} features to {out}"
+        + (f" ({bad} skipped)" if bad else "")
+    )
     typer.echo(json.dumps({"fingerprints": len(fps), "skipped": bad, "features": spec.dim, "out": str(out)}))

@@ -34,7 +34,9 @@ def save_heatmap(matrix: np.ndarray, layers: list[int], title: str, path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * matrix.shape[1] + 2), max(3.0, 0.3 * matrix.shape[0] + 1.5)))
+    fig, ax = plt.subplots(
+        figsize=(max(4.0, 0.35 * matrix.shape[1] + 2), max(3.0, 0.3 * matrix.shape[0] + 1.5))
+    )
     image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -49,11 +51,16 @@ def save_heatmap(matrix: np.ndarray, layers: list[int], title: str, path: Path) 
 
 def inspect(
     trace_file: Annotated[Path, typer.Argument(help="Trace file (.jsonl or .parquet).")],
-    trace_id: Annotated[str | None, typer.Option(help="Which trace (default: the first; with --mean, all).",
-                                                 show_default=False)] = None,
-    mean: Annotated[bool, typer.Option(help="Summarise and plot the mean over all traces of the file.")] = False,
-    png: Annotated[Path | None, typer.Option(help="Heatmap path (default: <file>.<id>.heatmap.png).",
-                                             show_default=False)] = None,
+    trace_id: Annotated[
+        str | None,
+        typer.Option(help="Which trace (default: the first; with --mean, all).", show_default=False),
+    ] = None,
+    mean: Annotated[
+        bool, typer.Option(help="Summarise and plot the mean over all traces of the file.")
+    ] = False,
+    png: Annotated[
+        Path | None, typer.Option(help="Heatmap path (default: <file>.<id>.heatmap.png).", show_default=False)
+    ] = None,
 ) -> None:
     """Summarise a trace (model, collector, launch model, tokens, launches, threads per region) and
     write a layer x expert heatmap PNG of each expert's share of its layer's threads."""
@@ -75,16 +82,25 @@ def _inspect(trace_file: Path, trace_id: str | None, mean: bool, png: Path | Non
 
     table = Table(title=f"{trace_file.name}: {label}", show_header=False)
     table.add_row("model", first.model_id)
-    table.add_row("collector / launch model", f"{first.collector} / {first.launch_model} ({first.unit.value})")
+    table.add_row(
+        "collector / launch model", f"{first.collector} / {first.launch_model} ({first.unit.value})"
+    )
     table.add_row("MoE layers x experts", f"{len(first.layers)} x {max(first.experts_per_layer)}")
-    table.add_row("prompt tokens" + (" (mean)" if mean else ""), f"{np.mean([t.prompt_tokens for t in chosen]):.1f}")
-    table.add_row("launches" + (" (mean)" if mean else ""), f"{np.mean([len(t.launches) for t in chosen]):.1f}")
+    table.add_row(
+        "prompt tokens" + (" (mean)" if mean else ""), f"{np.mean([t.prompt_tokens for t in chosen]):.1f}"
+    )
+    table.add_row(
+        "launches" + (" (mean)" if mean else ""), f"{np.mean([len(t.launches) for t in chosen]):.1f}"
+    )
     for region in Region:
         total = np.mean([sum(x.threads for x in t.launches if x.region == region) for t in chosen])
         if total:
             table.add_row(f"{first.unit.value} in '{region.value}' region", f"{total:,.0f}")
-    busiest = [f"L{layer}:E{int(np.nanargmax(row))} ({np.nanmax(row):.2f})"
-               for layer, row in zip(first.layers, matrix, strict=True) if np.nansum(row) > 0]
+    busiest = [
+        f"L{layer}:E{int(np.nanargmax(row))} ({np.nanmax(row):.2f})"
+        for layer, row in zip(first.layers, matrix, strict=True)
+        if np.nansum(row) > 0
+    ]
     table.add_row("busiest expert per layer", ", ".join(busiest[:8]) + (" ..." if len(busiest) > 8 else ""))
     console.print(table)
 

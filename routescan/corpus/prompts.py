@@ -99,7 +99,9 @@ def _records(path: Path, text_column: str) -> tuple[Iterator[dict[str, Any]], li
                         yield {text_column: line.rstrip("\n")}
 
         return rows(), None
-    raise PromptFileError(f"{path}: unsupported prompt file type '{suffix}'; use one of {', '.join(PROMPT_SUFFIXES)}")
+    raise PromptFileError(
+        f"{path}: unsupported prompt file type '{suffix}'; use one of {', '.join(PROMPT_SUFFIXES)}"
+    )
 
 
 def read_prompts(
@@ -132,13 +134,16 @@ def read_prompts(
         missing = [c for c in wanted if c not in record]
         if missing:
             raise PromptFileError(
-                f"{where}: no field {', '.join(repr(c) for c in missing)}; it has {', '.join(map(str, record))}"
+                f"{where}: no field {', '.join(repr(c) for c in missing)}; "
+                f"it has {', '.join(map(str, record))}"
             )
         text = record[text_column]
         if text is None or not str(text).strip():
             if skip_empty:
                 continue
-            raise PromptFileError(f"{where}: empty prompt in column '{text_column}' (use --skip-empty to skip it)")
+            raise PromptFileError(
+                f"{where}: empty prompt in column '{text_column}' (use --skip-empty to skip it)"
+            )
         if id_column:
             trace_id = str(record[id_column]).strip()
             if not _TRACE_ID.match(trace_id):

@@ -103,7 +103,10 @@ def read_table(path: str | Path) -> FingerprintTable:
             keys.update(dict.fromkeys(fp.labels))
         X = np.asarray([fp.values for fp in fps], dtype=np.float64).reshape(len(fps), spec.dim)
         return FingerprintTable(
-            spec, X, [fp.trace_id for fp in fps], [fp.row for fp in fps],
+            spec,
+            X,
+            [fp.trace_id for fp in fps],
+            [fp.row for fp in fps],
             {k: [fp.labels.get(k) for fp in fps] for k in keys},
         )
     table = pq.read_table(path)
@@ -114,14 +117,23 @@ def read_table(path: str | Path) -> FingerprintTable:
     names = spec.feature_names()
     missing = [n for n in names if n not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} feature columns of the spec are missing (first: {missing[0]})")
-    X = np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names]) if len(table) else (
-        np.zeros((0, spec.dim))
+        raise ValueError(
+            f"{path}: {len(missing)} feature columns of the spec are missing (first: {missing[0]})"
+        )
+    X = (
+        np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names])
+        if len(table)
+        else (np.zeros((0, spec.dim)))
     )
     labels = {
-        c[len(_LABEL_PREFIX):]: table.column(c).to_pylist() for c in table.column_names if c.startswith(_LABEL_PREFIX)
+        c[len(_LABEL_PREFIX) :]: table.column(c).to_pylist()
+        for c in table.column_names
+        if c.startswith(_LABEL_PREFIX)
     }
     return FingerprintTable(
-        spec, np.asarray(X, dtype=np.float64), table.column("trace_id").to_pylist(),
-        table.column("row").to_pylist(), labels,
+        spec,
+        np.asarray(X, dtype=np.float64),
+        table.column("trace_id").to_pylist(),
+        table.column("row").to_pylist(),
+        labels,
     )

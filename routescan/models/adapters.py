@@ -83,20 +83,36 @@ def supported_model_types() -> list[str]:
 for _arch in (
     MoEArchitecture("mixtral", ("mixtral",), ("MixtralSparseMoeBlock",), "gate"),
     MoEArchitecture(
-        "qwen2_moe", ("qwen2_moe",), ("Qwen2MoeSparseMoeBlock",), "gate", shared_attr="shared_expert",
+        "qwen2_moe",
+        ("qwen2_moe",),
+        ("Qwen2MoeSparseMoeBlock",),
+        "gate",
+        shared_attr="shared_expert",
         routing="softmax top-k plus one gated always-on shared expert",
     ),
     MoEArchitecture("qwen3_moe", ("qwen3_moe",), ("Qwen3MoeSparseMoeBlock",), "gate"),
     MoEArchitecture("olmoe", ("olmoe",), ("OlmoeSparseMoeBlock",), "gate"),
     MoEArchitecture(
-        "granitemoe", ("granitemoe",), ("GraniteMoeMoE",), "router", routing="top-k logits, softmax over the k"
+        "granitemoe",
+        ("granitemoe",),
+        ("GraniteMoeMoE",),
+        "router",
+        routing="top-k logits, softmax over the k",
     ),
     MoEArchitecture(
-        "deepseek_v2", ("deepseek_v2",), ("DeepseekV2Moe",), "gate", shared_attr="shared_experts",
+        "deepseek_v2",
+        ("deepseek_v2",),
+        ("DeepseekV2Moe",),
+        "gate",
+        shared_attr="shared_experts",
         routing="softmax, greedy or group-limited greedy top-k, shared experts",
     ),
     MoEArchitecture(
-        "deepseek_v3", ("deepseek_v3",), ("DeepseekV3MoE",), "gate", shared_attr="shared_experts",
+        "deepseek_v3",
+        ("deepseek_v3",),
+        ("DeepseekV3MoE",),
+        "gate",
+        shared_attr="shared_experts",
         routing="sigmoid + correction bias, grouped top-k (top-2 sum per group), shared experts",
     ),
     MoEArchitecture("phimoe", ("phimoe",), ("PhimoeSparseMoeBlock",), "router", routing="sparsemixer top-2"),
@@ -201,7 +217,7 @@ class RoutingRecorder:
     adapter: MoEAdapter
     _calls: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
-    def _hook_for(self, layer: int):  # noqa: ANN202 - torch hook signature
+    def _hook_for(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: tuple) -> None:
             indices = output[2] if isinstance(output, tuple) else None
             if not isinstance(indices, torch.Tensor):

@@ -55,18 +55,25 @@ def load_pretrained(
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"{path}: not a directory. Pass a model saved with save_pretrained(), or --tiny ARCH")
+        raise ModelLoadError(
+            f"{path}: not a directory. Pass a model saved with save_pretrained(), or --tiny ARCH"
+        )
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json here; is this a transformers model directory?")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, experts_implementation=experts_implementation, dtype=dtype
         )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: could not load the model: {exc}") from exc
+    model.eval()
+    adapter = get_adapter(
+        model
+    )  # before the tokenizer: a dense model is named as such, not as a tokenizer error
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{path}: could not load the model or its tokenizer: {exc}") from exc
-    model.eval()
-    adapter = get_adapter(model)
+        raise ModelLoadError(f"{path}: could not load the tokenizer saved with the model: {exc}") from exc
     encoder = HFPromptEncoder(tokenizer, chat_template=chat_template, system_prompt=system_prompt)
     return LoadedMoE(model, encoder, adapter, model_id or _model_id_from(model, path))
 

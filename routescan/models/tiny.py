@@ -34,8 +34,13 @@ _DEEPSEEK_ATTENTION: dict[str, Any] = dict(
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64),
     "qwen2_moe": dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-        intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        intermediate_size=64,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
     ),
     "qwen3_moe": dict(
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, head_dim=16
@@ -43,18 +48,36 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
     "deepseek_v2": dict(
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64,
-        n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4,
-        topk_group=2, q_lora_rank=None, **_DEEPSEEK_ATTENTION,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        q_lora_rank=None,
+        **_DEEPSEEK_ATTENTION,
     ),
     "deepseek_v3": dict(
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64,
-        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, q_lora_rank=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        q_lora_rank=16,
         **_DEEPSEEK_ATTENTION,
     ),
     "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
     "gpt_oss": dict(
-        num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        head_dim=16,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     ),
 }
@@ -73,7 +96,8 @@ def build_tiny_moe(
     kwargs = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
     if "num_hidden_layers" in overrides and "layer_types" in kwargs and model_type == "gpt_oss":
         kwargs["layer_types"] = [
-            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(kwargs["num_hidden_layers"])
+            "sliding_attention" if i % 2 == 0 else "full_attention"
+            for i in range(kwargs["num_hidden_layers"])
         ]
     config = AutoConfig.for_model(model_type, **kwargs)
     generator_state = torch.random.get_rng_state()

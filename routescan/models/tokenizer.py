@@ -32,7 +32,9 @@ class HFPromptEncoder:
     """A transformers tokenizer, through the model's chat template when it has one (as a served
     request would be), or as plain text otherwise."""
 
-    def __init__(self, tokenizer: Any, *, chat_template: bool | None = None, system_prompt: str | None = None):
+    def __init__(
+        self, tokenizer: Any, *, chat_template: bool | None = None, system_prompt: str | None = None
+    ):
         self.tokenizer = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat_template and not has_template:

@@ -55,7 +55,9 @@ def build_trace(
     launches = []
     for layer in loaded.adapter.layers:
         launches.extend(
-            launch_model.layer_launches(layer.layer, layer.dims(), routing.counts[layer.layer], routing.tokens)
+            launch_model.layer_launches(
+                layer.layer, layer.dims(), routing.counts[layer.layer], routing.tokens
+            )
         )
     adapter = loaded.adapter
     return RequestTrace(
@@ -148,8 +150,13 @@ class EmulatedCollector:
             results.append(
                 {
                     lm.name: build_trace(
-                        self.loaded, lm, routing, trace_id=request.trace_id, collector=self.name,
-                        row=request.row, labels=request.labels,
+                        self.loaded,
+                        lm,
+                        routing,
+                        trace_id=request.trace_id,
+                        collector=self.name,
+                        row=request.row,
+                        labels=request.labels,
                     )
                     for lm in self.launch_models
                 }

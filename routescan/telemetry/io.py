@@ -108,7 +108,7 @@ def write_traces(path: str | os.PathLike[str], traces: Iterable[RequestTrace]) -
     return count
 
 
-def append_jsonl(fh, trace: RequestTrace) -> None:  # noqa: ANN001 - any text file handle
+def append_jsonl(fh, trace: RequestTrace) -> None:
     """Append one trace to an open JSONL file and flush, so a crash loses at most this line."""
     fh.write(trace.model_dump_json(exclude_none=True) + "\n")
     fh.flush()

@@ -121,7 +121,9 @@ class RequestTrace(_Strict):
         for i, launch in enumerate(self.launches):
             if launch.region in (Region.expert, Region.layer, Region.shared):
                 if launch.layer not in n_experts:
-                    raise ValueError(f"launches[{i}] names layer {launch.layer}, not an MoE layer of this trace")
+                    raise ValueError(
+                        f"launches[{i}] names layer {launch.layer}, not an MoE layer of this trace"
+                    )
                 if launch.expert is not None and launch.expert >= n_experts[launch.layer]:
                     raise ValueError(
                         f"launches[{i}] names expert {launch.expert} but layer {launch.layer} "
