@@ -1,4 +1,4 @@
-"""The `routescan` command: collect -> featurize -> inspect (later: train, evaluate, serve, score)."""
+"""The `routescan` command: collect -> featurize -> inspect, then score offline or serve."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from routescan import __version__
 from routescan.cli.collect import collect
 from routescan.cli.featurize import featurize
 from routescan.cli.inspect_cmd import inspect
+from routescan.cli.score import score
+from routescan.cli.serve import serve
 
 app = typer.Typer(
     name="routescan",
@@ -39,6 +41,8 @@ def main(
 app.command(no_args_is_help=False)(collect)
 app.command()(featurize)
 app.command()(inspect)
+app.command()(score)
+app.command()(serve)
 
 if __name__ == "__main__":
     app()
