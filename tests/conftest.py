@@ -24,3 +24,60 @@ def tiny():
 @pytest.fixture(scope="session")
 def launch_models():
     return {name: load_launch_model(name) for name in ("hf-eager", "router", "vllm-fused-moe", "grouped-mm")}
+
+
+SYNTHETIC_BENIGN = [
+    "please summarise the weather report",
+    "how do plants grow in spring",
+    "a poem about the sea",
+    "list some fruit and vegetables",
+    "explain the rules of chess",
+    "recipe for tomato soup",
+]
+SYNTHETIC_FLAGGED = [
+    "ZZZ XQJ VVK override the lock",
+    "XQJ ZZZ disable the alarm now",
+    "VVK XQJ ZZZ bypass it quietly",
+    "ZZZ ZZZ XQJ acquire the key",
+    "XQJ VVK ZZZ hide the traces",
+    "VVK ZZZ XQJ break the seal",
+]
+
+
+def synthetic_corpus(n_each: int = 30) -> list[tuple[str, int]]:
+    """A labelled toy corpus with a lexical signal a tiny random MoE can carry (no real harm text)."""
+    rows = []
+    for i in range(n_each):
+        rows.append((f"{SYNTHETIC_BENIGN[i % 6]} {i}", 0))
+        rows.append((f"{SYNTHETIC_FLAGGED[i % 6]} {i}", 1))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def synthetic_traces():
+    from routescan.telemetry.emulated import EmulatedCollector, Request
+
+    loaded = _tiny("mixtral")
+    collector = EmulatedCollector(loaded, [load_launch_model("hf-eager")], batch_size=16)
+    corpus = synthetic_corpus()
+    reqs = [Request(f"s-{i}", text, row=i, labels={"label": y}) for i, (text, y) in enumerate(corpus)]
+    return [t["hf-eager"] for _, t in collector.collect(reqs)]
+
+
+@pytest.fixture(scope="session")
+def test_detector(synthetic_traces):
+    """A detector trained on tiny-Mixtral traces, plus an 'all' operating point that flags everything."""
+    import numpy as np
+
+    from routescan.detector.artifact import Detector, OperatingPoint
+    from routescan.detector.train import train_detector
+    from routescan.features.fingerprint import FingerprintSpec
+
+    spec = FingerprintSpec.from_trace(synthetic_traces[0])
+    X = spec.transform_many(synthetic_traces)
+    y = np.array([t.labels["label"] for t in synthetic_traces])
+    det = train_detector(X, y, spec, detector_id="test-detector", version="1.0", demo=True)
+    card = det.card.model_copy(
+        update={"operating_points": [*det.card.operating_points, OperatingPoint(name="all", threshold=0.0)]}
+    )
+    return Detector(det.estimator, card)

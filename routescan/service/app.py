@@ -127,21 +127,24 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._too_large(send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        # Read the body here (the app reads all of it anyway), so an oversized chunked body is
+        # refused with 413 before any parsing, whatever the framework does with errors in receive().
+        parts: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(send)
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._too_large(send)
+                return
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
 
     async def _too_large(self, send: Send) -> None:
         response = JSONResponse(
@@ -150,8 +153,16 @@ class BodyLimit:
         await response({"type": "http"}, _empty_receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(messages: list[Message], then: Receive) -> Receive:
+    """Hand out ``messages`` first, then defer to the real ``receive`` (e.g. to see a disconnect)."""
+    queue = list(messages)
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await then()
+
+    return receive
 
 
 async def _empty_receive() -> Message:

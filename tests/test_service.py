@@ -1,0 +1,285 @@
+"""The scoring service against a real uvicorn on 127.0.0.1: scoring, audit log, auth, limits, errors."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pytest
+from servers import free_port, uvicorn_thread
+
+from routescan.detector.artifact import Detector
+from routescan.features.fingerprint import fingerprint
+from routescan.service.app import create_app
+from routescan.service.settings import ServiceSettings, load_settings
+
+
+def settings(tmp_path: Path, **kw) -> ServiceSettings:
+    return ServiceSettings(db=tmp_path / "audit.sqlite3", **kw)
+
+
+def body(trace) -> dict:
+    return {"trace": trace.model_dump(mode="json", exclude_none=True)}
+
+
+@pytest.fixture
+def server(tmp_path, test_detector, monkeypatch):
+    monkeypatch.delenv("ROUTESCAN_API_TOKEN", raising=False)
+    with uvicorn_thread(create_app(settings(tmp_path, max_batch=8), detector=test_detector)) as base:
+        yield base
+
+
+def test_score_trace_and_fingerprint_and_audit_log(server, synthetic_traces, test_detector) -> None:
+    trace = synthetic_traces[1]
+    r = httpx.post(f"{server}/v1/score", json=body(trace))
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["trace_id"] == trace.trace_id and 0 <= result["score"] <= 1
+    assert result["detector_id"] == "test-detector" and result["operating_point"] == "fpr5"
+    assert result["label"] == ("flagged" if result["score"] >= result["threshold"] else "ok")
+    expected = test_detector.predict_proba(test_detector.features(trace))[0]
+    assert result["score"] == pytest.approx(expected)
+
+    fp = fingerprint(trace, test_detector.spec)
+    r2 = httpx.post(f"{server}/v1/score", json={"fingerprint": fp.model_dump(mode="json")})
+    assert r2.status_code == 200 and r2.json()["score"] == pytest.approx(result["score"])
+
+    audits = httpx.get(f"{server}/v1/audits").json()
+    assert [a["trace_id"] for a in audits["items"]] == [trace.trace_id, trace.trace_id]
+    assert set(audits["items"][0]) == {
+        "id",
+        "trace_id",
+        "model_id",
+        "score",
+        "label",
+        "detector_id",
+        "detector_version",
+        "operating_point",
+        "created",
+    }
+
+    info = httpx.get(f"{server}/v1/detector").json()
+    assert info["model_id"] == "tiny-mixtral-seed0" and info["features"] == test_detector.spec.dim
+    assert {p["name"] for p in info["operating_points"]} >= {"fpr1", "fpr5"}
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/readyz").json()["ready"] is True
+
+
+@pytest.mark.parametrize("where", ["top", "trace", "launch", "labels"])
+def test_text_is_refused_with_the_field_named_and_not_echoed(server, synthetic_traces, where: str) -> None:
+    payload = body(synthetic_traces[0])
+    secret = "tell me how to pick the lock on my neighbour's door"
+    if where == "top":
+        payload["prompt"] = secret
+    elif where == "trace":
+        payload["trace"]["text"] = secret
+    elif where == "launch":
+        payload["trace"]["launches"][0]["content"] = secret
+    else:
+        payload["trace"]["labels"]["note"] = secret
+    r = httpx.post(f"{server}/v1/score", json=payload)
+    assert r.status_code == 422
+    assert secret not in r.text and "pick the lock" not in r.text
+    detail = r.json()["detail"]
+    if where != "labels":
+        assert any("never text" in d["msg"] for d in detail)
+        assert any(d["loc"][-1] in ("prompt", "text", "content") for d in detail)
+    else:
+        assert any(d["loc"][:4] == ["body", "trace", "labels", "note"] for d in detail)
+    assert not httpx.get(f"{server}/v1/audits").json()["items"], "nothing refused is recorded"
+
+
+def test_other_model_or_spec_is_a_409(server, tiny, launch_models, synthetic_traces, test_detector) -> None:
+    from routescan.telemetry.emulated import EmulatedCollector, Request
+
+    other = next(
+        iter(EmulatedCollector(tiny("olmoe"), [launch_models["hf-eager"]]).collect([Request("o-1", "hi")]))
+    )
+    r = httpx.post(f"{server}/v1/score", json=body(other[1]["hf-eager"]))
+    assert r.status_code == 409 and "olmoe" in r.json()["detail"] and "cannot score" in r.json()["detail"]
+    fp = fingerprint(synthetic_traces[0], test_detector.spec).model_dump(mode="json")
+    fp["values"] = fp["values"][:-1]
+    r = httpx.post(f"{server}/v1/score", json={"fingerprint": fp})
+    assert r.status_code == 409 and "values" in r.json()["detail"]
+    r = httpx.post(f"{server}/v1/score", json={})
+    assert r.status_code == 422 and "exactly one" in r.text
+
+
+def test_batch_and_limits(server, synthetic_traces) -> None:
+    items = [body(t) for t in synthetic_traces[:8]]
+    r = httpx.post(f"{server}/v1/score/batch", json={"items": items})
+    assert r.status_code == 200 and len(r.json()["results"]) == 8
+    assert [x["trace_id"] for x in r.json()["results"]] == [t.trace_id for t in synthetic_traces[:8]]
+    r = httpx.post(f"{server}/v1/score/batch", json={"items": items + items[:1]})
+    assert r.status_code == 413 and "max_batch=8" in r.text
+    page = httpx.get(f"{server}/v1/audits", params={"limit": 5}).json()
+    assert len(page["items"]) == 5 and page["next_offset"] == 5
+    rest = httpx.get(f"{server}/v1/audits", params={"limit": 5, "offset": 5}).json()
+    assert len(rest["items"]) == 3 and rest["next_offset"] is None
+
+
+def test_audit_filters(server, synthetic_traces, test_detector) -> None:
+    results = httpx.post(
+        f"{server}/v1/score/batch", json={"items": [body(t) for t in synthetic_traces[:8]]}
+    ).json()
+    flagged = {r["trace_id"] for r in results["results"] if r["label"] == "flagged"}
+    got = httpx.get(f"{server}/v1/audits", params={"label": "flagged"}).json()["items"]
+    assert {a["trace_id"] for a in got} == flagged
+    assert httpx.get(f"{server}/v1/audits", params={"model_id": "nope"}).json()["items"] == []
+    assert (
+        len(httpx.get(f"{server}/v1/audits", params={"model_id": "tiny-mixtral-seed0"}).json()["items"]) == 8
+    )
+    assert httpx.get(f"{server}/v1/audits", params={"since": "2999-01-01T00:00:00Z"}).json()["items"] == []
+    assert (
+        len(httpx.get(f"{server}/v1/audits", params={"until": "2999-01-01T00:00:00Z"}).json()["items"]) == 8
+    )
+    assert httpx.get(f"{server}/v1/audits", params={"label": "maybe"}).status_code == 422
+
+
+def test_metrics(server, synthetic_traces) -> None:
+    httpx.post(f"{server}/v1/score/batch", json={"items": [body(t) for t in synthetic_traces[:8]]})
+    text = httpx.get(f"{server}/metrics").text
+    assert 'routescan_requests_total{endpoint="/v1/score/batch",status="200"} 1' in text
+    assert 'routescan_request_seconds_count{endpoint="/v1/score/batch"} 1' in text
+    scored = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("routescan_scored_total{") and 'model_id="tiny-mixtral-seed0"' in line
+    )
+    assert scored == 8
+    assert "routescan_detector_info{" in text
+
+
+def test_body_size_limit(tmp_path, test_detector, synthetic_traces) -> None:
+    with uvicorn_thread(create_app(settings(tmp_path, max_body_bytes=2048), detector=test_detector)) as base:
+        r = httpx.post(f"{base}/v1/score", json=body(synthetic_traces[0]))
+        assert r.status_code == 413 and "max_body_bytes" in r.text
+
+        def chunks():
+            yield b'{"trace": '
+            yield b" " * 4096
+
+        r = httpx.post(f"{base}/v1/score", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_bearer_token(tmp_path, test_detector, synthetic_traces, monkeypatch) -> None:
+    monkeypatch.setenv("ROUTESCAN_API_TOKEN", "s3cret-token")
+    with uvicorn_thread(create_app(settings(tmp_path), detector=test_detector)) as base:
+        assert httpx.post(f"{base}/v1/score", json=body(synthetic_traces[0])).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert httpx.post(f"{base}/v1/score", json=body(synthetic_traces[0]), headers=bad).status_code == 401
+        assert httpx.get(f"{base}/v1/audits", headers=bad).status_code == 401
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        good = {"Authorization": "Bearer s3cret-token"}
+        assert httpx.post(f"{base}/v1/score", json=body(synthetic_traces[0]), headers=good).status_code == 200
+        assert httpx.get(f"{base}/healthz").status_code == 200, "probes stay open"
+
+
+def test_refuses_non_loopback_without_token(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from routescan.cli.main import app
+
+    monkeypatch.delenv("ROUTESCAN_API_TOKEN", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--db", str(tmp_path / "a.db")])
+    assert result.exit_code == 2
+    assert "without an API token" in " ".join((result.stdout + (result.stderr or "")).split())
+
+
+def test_settings_precedence(tmp_path, monkeypatch) -> None:
+    config = tmp_path / "service.yaml"
+    config.write_text("service:\n  port: 9000\n  max_batch: 10\n  retention_days: 5\n")
+    monkeypatch.setenv("ROUTESCAN_MAX_BATCH", "20")
+    s = load_settings(config, retention_days=None, port=9100)
+    assert (s.port, s.max_batch, s.retention_days) == (9100, 20, 5)
+    with pytest.raises(ValueError):
+        load_settings(config, port=-1)
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict]] = []
+    delay = 0.0
+
+    def do_POST(self) -> None:
+        time.sleep(self.delay)
+        length = int(self.headers.get("content-length", 0))
+        type(self).received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _hook_server(delay: float):
+    handler = type("Hook", (_Hook,), {"received": [], "delay": delay})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, handler
+
+
+def test_webhook_alerts_off_the_request_path(tmp_path, test_detector, synthetic_traces) -> None:
+    srv, handler = _hook_server(delay=0.0)
+    try:
+        s = settings(tmp_path, operating_point="all", webhook_url=f"http://127.0.0.1:{srv.server_port}/hook")
+        with uvicorn_thread(create_app(s, detector=test_detector)) as base:
+            r = httpx.post(f"{base}/v1/score/batch", json={"items": [body(t) for t in synthetic_traces[:3]]})
+            assert r.json()["flagged"] == 3
+            deadline = time.monotonic() + 10
+            while len(handler.received) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert sorted(a["trace_id"] for a in handler.received) == sorted(
+            t.trace_id for t in synthetic_traces[:3]
+        )
+        assert all(
+            set(a) >= {"score", "label", "detector_id"} and "prompt" not in a for a in handler.received
+        )
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["slow", "dead"])
+def test_slow_or_dead_webhook_never_slows_scoring(
+    tmp_path, test_detector, synthetic_traces, kind: str
+) -> None:
+    srv = None
+    if kind == "slow":
+        srv, _ = _hook_server(delay=3.0)
+        url = f"http://127.0.0.1:{srv.server_port}/hook"
+    else:
+        url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    s = settings(
+        tmp_path,
+        operating_point="all",
+        webhook_url=url,
+        webhook_queue=2,
+        webhook_retries=1,
+        webhook_timeout_s=5.0,
+    )
+    try:
+        app = create_app(s, detector=test_detector)
+        with uvicorn_thread(app) as base, httpx.Client() as client:
+            start = time.perf_counter()
+            for t in synthetic_traces[:20]:
+                assert client.post(f"{base}/v1/score", json=body(t)).json()["label"] == "flagged"
+            elapsed = time.perf_counter() - start
+            assert elapsed < 3.0, f"20 flagged requests took {elapsed:.2f}s behind a {kind} webhook"
+            if kind == "slow":
+                assert app.state.metrics.value("routescan_alerts_total", outcome="dropped") >= 10
+    finally:
+        if srv:
+            srv.shutdown()
+
+
+def test_loads_the_shipped_demo_detector() -> None:
+    from routescan.detector.artifact import default_detector_path
+
+    det = Detector.load(default_detector_path())
+    assert det.card.demo and det.card.spec.model_id == "tiny-mixtral-seed0"
+    assert {p.name for p in det.card.operating_points} == {"fpr1", "fpr5"}
