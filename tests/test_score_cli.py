@@ -105,3 +105,13 @@ def test_untrusted_detector_file_is_refused(tmp_path, test_detector) -> None:
         raise AssertionError("a detector with types outside the allowlist was loaded")
     round_trip = Detector.load(test_detector.save(tmp_path / "ok.zip"))
     assert round_trip.card == test_detector.card
+
+
+def test_linear_fast_path_matches_sklearn(test_detector, synthetic_traces) -> None:
+    import numpy as np
+
+    X = test_detector.spec.transform_many(synthetic_traces)
+    assert test_detector._linear is not None
+    fast = test_detector.predict_proba(X)
+    slow = test_detector.estimator.predict_proba(X)[:, 1]
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)

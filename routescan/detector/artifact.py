@@ -78,12 +78,34 @@ class DetectorCard(BaseModel):
         )
 
 
+def _linear_form(estimator: Any) -> tuple[np.ndarray, float] | None:
+    """(w, b) when the estimator is StandardScaler + binary LogisticRegression, so scoring one
+    request is a dot product instead of a trip through sklearn's validation (~50x faster; the
+    same numbers, checked by a test)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not isinstance(estimator, Pipeline) or len(estimator.steps) != 2:
+        return None
+    scaler, clf = estimator.steps[0][1], estimator.steps[1][1]
+    if not (isinstance(scaler, StandardScaler) and isinstance(clf, LogisticRegression)):
+        return None
+    if getattr(clf, "coef_", None) is None or clf.coef_.shape[0] != 1 or list(clf.classes_) != [0, 1]:
+        return None
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(clf.coef_.shape[1])
+    scale = scaler.scale_ if scaler.with_std else np.ones(clf.coef_.shape[1])
+    weights = clf.coef_[0] / scale
+    return weights, float(clf.intercept_[0] - mean @ weights)
+
+
 class Detector:
     """A loaded detector: check inputs against its card, then score them."""
 
     def __init__(self, estimator: Any, card: DetectorCard) -> None:
         self.estimator = estimator
         self.card = card
+        self._linear = _linear_form(estimator)
 
     @property
     def spec(self) -> FingerprintSpec:
@@ -120,6 +142,9 @@ class Detector:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim == 1:
             X = X[None, :]
+        if self._linear is not None:
+            weights, bias = self._linear
+            return 1.0 / (1.0 + np.exp(-(X @ weights + bias)))
         return self.estimator.predict_proba(X)[:, 1]
 
     def threshold(self, operating_point: str | None = None) -> float:
