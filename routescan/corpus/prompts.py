@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_TOKEN = re.compile(r"^[A-Za-z0-9._:/+\-]{0,64}$")
-_TRACE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+from routescan.telemetry.schema import LABEL_TOKEN_PATTERN, TRACE_ID_PATTERN
+
+# The trace schema's own patterns: a file is refused here, with its row, before any model runs.
+_TOKEN = re.compile(LABEL_TOKEN_PATTERN)
+_TRACE_ID = re.compile(TRACE_ID_PATTERN)
 _INT = re.compile(r"^-?\d{1,18}$")
 _FLOAT = re.compile(r"^-?\d+\.\d*(e-?\d+)?$")
 

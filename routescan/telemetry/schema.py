@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 SCHEMA_VERSION: Literal["routescan.trace/1"] = "routescan.trace/1"
 
 # Identifiers: no whitespace, so a sentence cannot hide in them.
-TraceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
+TRACE_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+LABEL_TOKEN_PATTERN = r"^[A-Za-z0-9._:/+\-]{0,64}$"
+TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN)]
 # Model ids look like "HuggingFaceTB/SmolLM2-135M-Instruct" or "tiny-mixtral-seed0".
 ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@+\-]{1,200}$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,64}$")]
@@ -29,9 +31,7 @@ KernelName = Annotated[
 ]
 # Label values carried through from the prompt file (label, domain, wrapper family...). Short
 # tokens or numbers only: a prompt is rejected here even if it was configured as a label column.
-LabelValue = (
-    Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/+\-]{0,64}$")] | int | float | bool | None
-)
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_TOKEN_PATTERN)] | int | float | bool | None
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
 
