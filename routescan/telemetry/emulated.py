@@ -133,14 +133,20 @@ class EmulatedCollector:
                 logits_to_keep=1,
             )
             selections = recorder.selections()
+        return self.count(selections, [len(ids) for ids in encoded], width)
+
+    def count(
+        self, selections: dict[int, torch.Tensor], lengths: list[int], width: int
+    ) -> list[RoutingCounts]:
+        """Per-request (layer, expert) counts from a batch's selections; padding rows are skipped."""
         out: list[RoutingCounts] = []
-        for i, ids in enumerate(encoded):
+        for i, length in enumerate(lengths):
             start = i * width
             counts: dict[int, list[int]] = {}
-            for layer in adapter.layers:
-                chosen = selections[layer.layer][start : start + len(ids)]
+            for layer in self.loaded.adapter.layers:
+                chosen = selections[layer.layer][start : start + length]
                 counts[layer.layer] = torch.bincount(chosen.reshape(-1), minlength=layer.num_experts).tolist()
-            out.append(RoutingCounts(tokens=len(ids), counts=counts))
+            out.append(RoutingCounts(tokens=length, counts=counts))
         return out
 
     def collect_batch(self, requests: Sequence[Request]) -> list[dict[str, RequestTrace]]:
