@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchlib import machine, update_section
 from servers import serve_process
 
-from routescan.corpus.prompts import read_prompts
+from routescan.corpus.prompts import demo_prompts_path, read_prompts
 from routescan.detector.artifact import Detector, default_detector_path
 from routescan.features.fingerprint import fingerprint
 from routescan.models.loading import load_tiny
@@ -42,9 +42,7 @@ from routescan.telemetry.registry import load_launch_model
 
 
 def demo_traces(n: int):
-    from importlib import resources
-
-    prompts = list(read_prompts(Path(str(resources.files("routescan.corpus") / "demo_prompts.jsonl"))))
+    prompts = list(read_prompts(demo_prompts_path()))
     loaded = load_tiny("mixtral")
     collector = EmulatedCollector(loaded, [load_launch_model("hf-eager")], batch_size=12)
     base = [t["hf-eager"] for _, t in collector.collect(Request(p.trace_id, p.text) for p in prompts)]

@@ -130,6 +130,7 @@ def test_fast_constructed_launches_equal_validated_ones(launch_models) -> None:
         for launch in model.layer_launches(3, dims, [0, 1, 9, 70, 2, 0, 0, 5], tokens=44):
             again = KernelLaunch.model_validate(launch.model_dump())
             assert again == launch and again.model_dump_json() == launch.model_dump_json(), name
+            assert launch.model_copy(update={"start_ns": 1}).start_ns == 1 and launch.start_ns is None
 
 
 def test_geometry_cache_is_per_model_and_exact(launch_models) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from routescan.cli.common import console, defaults, friendly_errors
-from routescan.corpus.prompts import read_prompts
+from routescan.corpus.prompts import demo_prompts_path, read_prompts
 from routescan.models.loading import load_pretrained, load_tiny
 from routescan.models.tiny import tiny_model_types
 from routescan.telemetry.emulated import EmulatedCollector, Request
@@ -20,7 +19,6 @@ from routescan.telemetry.io import append_jsonl, read_traces, trace_format, writ
 from routescan.telemetry.registry import available_launch_models, load_launch_model
 
 _D = defaults("collect.yaml", "collect")
-DEMO_PROMPTS = "demo_prompts.jsonl"
 
 
 def output_paths(out: Path, launch_models: list[str]) -> dict[str, Path]:
@@ -187,7 +185,7 @@ def _collect(**kw) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"launch models given twice: {names}")
 
-    prompts_path: Path = kw["prompts"] or Path(str(resources.files("routescan.corpus") / DEMO_PROMPTS))
+    prompts_path: Path = kw["prompts"] or demo_prompts_path()
     label_columns = list(kw["label_column"] or [])
     if kw["prompts"] is None and not label_columns:
         label_columns = ["label", "set"]

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -93,7 +92,7 @@ def _score(
     def flush() -> None:
         if not pending:
             return
-        X = np.vstack([det.features(t) for _, t in pending])
+        X = det.spec.transform_many(t for _, t in pending)  # each was checked when queued
         for (number, trace), s in zip(pending, det.predict_proba(X), strict=True):
             rows.append(
                 {

@@ -27,6 +27,13 @@ _FLOAT = re.compile(r"^-?\d+\.\d*(e-?\d+)?$")
 PROMPT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".txt")
 
 
+def demo_prompts_path() -> Path:
+    """The twelve benign demo prompts shipped with the package (the embedded default of `collect`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("routescan.corpus") / "demo_prompts.jsonl"))
+
+
 class PromptFileError(ValueError):
     """The prompt file cannot be used as asked; the message says where and what to change."""
 

@@ -96,9 +96,3 @@ class DetectorInfo(_Strict):
     training: dict[str, Any]
     metrics: dict[str, Any]
     notes: str
-
-
-class Problem(_Strict):
-    """Error body: what was wrong and what to do; never echoes the request's values."""
-
-    detail: Any

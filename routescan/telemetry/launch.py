@@ -339,7 +339,9 @@ def _emit(
             "end_ns": None,
         },
     )
-    object.__setattr__(launch, "__pydantic_fields_set__", _LAUNCH_FIELDS)
+    object.__setattr__(
+        launch, "__pydantic_fields_set__", set(_LAUNCH_FIELDS)
+    )  # per instance: model_copy updates it
     object.__setattr__(launch, "__pydantic_extra__", None)
     object.__setattr__(launch, "__pydantic_private__", None)
     out.append(launch)
