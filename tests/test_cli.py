@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_word_tokenizer
 from typer.testing import CliRunner
 
 from routescan.cli.main import app
@@ -161,29 +162,11 @@ def test_skip_empty(tmp_path: Path) -> None:
     assert [t.row for t in read_traces(tmp_path / "o.jsonl")] == [0, 2]
 
 
-def _save_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(100)]
-    words += ["tell", "me", "about", "topic", "please", "hello", "bye", "request", "number"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    fast.save_pretrained(path)
-
-
 def test_model_directory_with_chat_template(tmp_path: Path) -> None:
     model_dir = tmp_path / "my-moe"
     model = build_tiny_moe("granitemoe", vocab_size=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     model.save_pretrained(model_dir)
-    _save_tokenizer(model_dir)
+    save_word_tokenizer(model_dir)
     src = write_csv(tmp_path / "p.csv", [{"prompt": "hello tell me about topic"}, {"prompt": "bye"}])
     out_t, out_p = tmp_path / "tmpl.jsonl", tmp_path / "plain.jsonl"
     result, text = run("collect", "--model", model_dir, "--prompts", src, "--out", out_t, "-l", "router")

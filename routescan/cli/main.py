@@ -10,6 +10,7 @@ from routescan import __version__
 from routescan.cli.collect import collect
 from routescan.cli.featurize import featurize
 from routescan.cli.inspect_cmd import inspect
+from routescan.cli.moefy_cmd import moefy
 from routescan.cli.score import score
 from routescan.cli.serve import serve
 
@@ -43,6 +44,7 @@ app.command()(featurize)
 app.command()(inspect)
 app.command()(score)
 app.command()(serve)
+app.command()(moefy)
 
 if __name__ == "__main__":
     app()

@@ -194,6 +194,8 @@ class MoEAdapter:
     @property
     def experts_implementation(self) -> str | None:
         config = getattr(self.model, "config", None)
+        if self.arch is MOEFIED:
+            return "eager"
         return getattr(config, "_experts_implementation", None)
 
     @contextmanager
@@ -236,15 +238,35 @@ class RoutingRecorder:
         return {layer: torch.cat(calls).to("cpu", torch.int64) for layer, calls in self._calls.items()}
 
 
+# MoEfied dense models (routescan moefy) keep their dense model_type; their config's ``moefication``
+# entry says the FFNs were replaced by these blocks. The experts only have the per-expert eager path.
+MOEFIED = MoEArchitecture(
+    "moefied",
+    (),
+    ("MoEfiedMLP",),
+    "router",
+    shared_attr="shared_expert",
+    routing="MoEfication: learned router, unweighted top-k of FFN neuron groups, optional shared group",
+)
+
+
+def is_moefied(config: object) -> bool:
+    meta = getattr(config, "moefication", None)
+    return isinstance(meta, dict) and str(meta.get("version", "")).startswith("routescan.moefy/")
+
+
 def get_adapter(model: nn.Module) -> MoEAdapter:
     """The adapter for ``model``; a clear error names the supported model types otherwise."""
     config = getattr(model, "config", None)
+    if is_moefied(config):
+        return MoEAdapter(model, MOEFIED)
     model_type = getattr(config, "model_type", None)
     arch = _REGISTRY.get(model_type or "")
     if arch is None:
         raise UnsupportedModelError(
             f"model type '{model_type}' is not a Mixture-of-Experts architecture RouteScan has an adapter "
-            f"for. Supported: {', '.join(supported_model_types())}. For another transformers MoE, "
+            f"for. Supported: {', '.join(supported_model_types())}, and dense models converted with "
+            "`routescan moefy`. For another transformers MoE, "
             "register one with routescan.models.register_architecture(MoEArchitecture(...))."
         )
     return MoEAdapter(model, arch)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from routescan.models.adapters import MoEAdapter, get_adapter
+from routescan.models.adapters import MoEAdapter, get_adapter, is_moefied
 from routescan.models.tiny import build_tiny_moe, tiny_model_types
 from routescan.models.tokenizer import ByteTokenizer, HFPromptEncoder, PromptEncoder
 
@@ -51,7 +51,7 @@ def load_pretrained(
     launches kernels whose sizes follow per-expert token counts; transformers 5 otherwise picks
     ``grouped_mm`` (one kernel per projection, offsets kept on the device).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -61,9 +61,15 @@ def load_pretrained(
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json here; is this a transformers model directory?")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, experts_implementation=experts_implementation, dtype=dtype
-        )
+        if is_moefied(AutoConfig.from_pretrained(path, local_files_only=True)):
+            # a reference MoE built by `routescan moefy`: its MoE blocks are not a transformers class
+            from routescan.models.moefy.store import load_moefied
+
+            model = load_moefied(path, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, experts_implementation=experts_implementation, dtype=dtype
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: could not load the model: {exc}") from exc
     model.eval()
@@ -79,6 +85,8 @@ def load_pretrained(
 
 
 def _model_id_from(model: PreTrainedModel, path: Path) -> str:
+    if is_moefied(model.config):
+        return str(model.config.moefication["name"])  # the recipe's name, validated as an identifier
     name = getattr(model.config, "name_or_path", "") or path.name
     # A local path is not an identity; keep its last two components, which usually name the model.
     parts = [p for p in Path(str(name)).parts if p not in ("/", "")]
