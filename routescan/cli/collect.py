@@ -11,7 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from routescan.cli.common import console, defaults, friendly_errors
-from routescan.corpus.prompts import demo_prompts_path, read_prompts
+from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
+from routescan.corpus.prompts import PromptRow, demo_prompts_path, read_prompts
 from routescan.models.loading import load_pretrained, load_tiny
 from routescan.models.tiny import tiny_model_types
 from routescan.telemetry.emulated import EmulatedCollector, Request
@@ -64,6 +65,20 @@ def _open_outputs(paths: dict[str, Path], resume: bool) -> tuple[dict[str, Path]
     return staging, done
 
 
+def corpus_rows(recipe: Path, corpora: Path) -> list[PromptRow]:
+    """The requests of a corpus recipe, as prompt rows whose labels are the example's metadata."""
+    config = CorpusConfig.from_yaml(recipe)
+    examples = build_corpus(corpora, config)
+    counts = summarize(examples)
+    wrapped = sum(v["harmful"] + v["benign"] for v in counts["wrapped_by_family"].values())
+    console.print(
+        f"corpus [bold]{config.name}[/]: {counts['examples']} requests = {counts['harmful_plain']} harmful"
+        f" + {counts['benign_plain']} benign + {counts['hard_negatives']} hard negatives + {wrapped} wrapped",
+        highlight=False,
+    )
+    return [PromptRow(i, e.text, e.id, e.labels()) for i, e in enumerate(examples)]
+
+
 def collect(
     prompts: Annotated[
         Path | None,
@@ -108,6 +123,18 @@ def collect(
             show_default=False,
         ),
     ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Collect a labelled detector corpus built from a recipe (configs/corpus/*.yaml) "
+            "instead of --prompts; each trace carries label, domain, wrapper family, source, base id.",
+            show_default=False,
+        ),
+    ] = None,
+    corpora: Annotated[
+        Path,
+        typer.Option(help="The shared corpora folder --corpus reads.", envvar="ROUTESCAN_CORPORA"),
+    ] = Path("../shared/corpora"),
     text_column: Annotated[
         str, typer.Option(help="Column / field holding the prompt.", envvar="ROUTESCAN_TEXT_COLUMN")
     ] = _D.get("text_column", "prompt"),
@@ -185,19 +212,24 @@ def _collect(**kw) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"launch models given twice: {names}")
 
-    prompts_path: Path = kw["prompts"] or demo_prompts_path()
-    label_columns = list(kw["label_column"] or [])
-    if kw["prompts"] is None and not label_columns:
-        label_columns = ["label", "set"]
-    rows = list(
-        read_prompts(
-            prompts_path,
-            text_column=kw["text_column"],
-            id_column=kw["id_column"],
-            label_columns=label_columns,
-            skip_empty=kw["skip_empty"],
+    if kw["corpus"] is not None:
+        if kw["prompts"] is not None:
+            raise ValueError("give --prompts or --corpus, not both")
+        rows = corpus_rows(kw["corpus"], kw["corpora"])
+    else:
+        prompts_path: Path = kw["prompts"] or demo_prompts_path()
+        label_columns = list(kw["label_column"] or [])
+        if kw["prompts"] is None and not label_columns:
+            label_columns = ["label", "set"]
+        rows = list(
+            read_prompts(
+                prompts_path,
+                text_column=kw["text_column"],
+                id_column=kw["id_column"],
+                label_columns=label_columns,
+                skip_empty=kw["skip_empty"],
+            )
         )
-    )
     if kw["limit"] is not None:
         rows = rows[: kw["limit"]]
 

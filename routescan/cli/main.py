@@ -8,11 +8,13 @@ import typer
 
 from routescan import __version__
 from routescan.cli.collect import collect
+from routescan.cli.evaluate import evaluate
 from routescan.cli.featurize import featurize
 from routescan.cli.inspect_cmd import inspect
 from routescan.cli.moefy_cmd import moefy
 from routescan.cli.score import score
 from routescan.cli.serve import serve
+from routescan.cli.train import train
 
 app = typer.Typer(
     name="routescan",
@@ -45,6 +47,8 @@ app.command()(inspect)
 app.command()(score)
 app.command()(serve)
 app.command()(moefy)
+app.command()(train)
+app.command()(evaluate)
 
 if __name__ == "__main__":
     app()

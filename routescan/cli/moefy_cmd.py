@@ -90,6 +90,9 @@ def _moefy(config: Path, out: Path, corpora: Path, base: Path | None, threads: i
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
+            if not console.is_terminal and (done == total or done % max(1, total // 10) == 0):
+                # a log file gets no live bar: leave a line per tenth so a long build can be followed
+                console.print(f"{stage}: {done}/{total}", highlight=False)
 
         report = build_reference_moe(spec, corpora=corpora, out=out, base=base, progress=progress)
     summary = report.summary()

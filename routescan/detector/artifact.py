@@ -86,6 +86,9 @@ def _linear_form(estimator: Any) -> tuple[np.ndarray, float] | None:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if callable(getattr(estimator, "linear_form", None)):
+        weights, bias = estimator.linear_form()
+        return np.asarray(weights, dtype=np.float64), float(bias)
     if not isinstance(estimator, Pipeline) or len(estimator.steps) != 2:
         return None
     scaler, clf = estimator.steps[0][1], estimator.steps[1][1]

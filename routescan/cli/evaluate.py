@@ -1,0 +1,127 @@
+"""`routescan evaluate`: the generalisation report (leave-one-domain-out, leave-one-wrapper-family-out,
+hard negatives) for each signal source, with baselines, as Markdown + JSON + PNG."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from routescan.cli.common import console, friendly_errors
+
+
+def evaluate(
+    traces: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One labelled trace file per signal source (e.g. traces.hf-eager.jsonl "
+            "traces.router.jsonl traces.vllm-fused-moe.jsonl), same requests in each."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report Markdown file; .json and PNGs beside it.")],
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="The corpus recipe the traces were collected from: enables the text (TF-IDF) "
+            "baseline, which rebuilds the prompts in memory only.",
+            show_default=False,
+        ),
+    ] = None,
+    corpora: Annotated[Path, typer.Option(envvar="ROUTESCAN_CORPORA", help="Shared corpora folder.")] = Path(
+        "../shared/corpora"
+    ),
+    methods: Annotated[
+        str, typer.Option(help="Telemetry methods, comma-separated: invariant, logreg, gbm.")
+    ] = "invariant,logreg,gbm",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for AUROC intervals.")] = 1000,
+    title: Annotated[str, typer.Option(help="Report title.")] = "Detection results",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Evaluate the detector and its baselines on held-out harm domains and wrapper families.
+
+    Every method is refit per held-out group; the invariant detector's hyper-parameters are chosen
+    inside each training fold only. Length-only and text baselines run once (they do not depend on
+    the signal source).
+
+    Example:
+
+      routescan evaluate runs/t.hf-eager.jsonl runs/t.router.jsonl \\
+        --corpus configs/corpus/default.yaml -o docs/results.md
+    """
+    friendly_errors(_evaluate)(traces, out, corpus, corpora, methods, bootstrap, title, seed)
+
+
+def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed) -> None:
+    import numpy as np
+
+    from routescan.detector.dataset import LabelledSet
+    from routescan.detector.report import evaluate as run
+    from routescan.detector.report import render_markdown, write_figures, write_json
+    from routescan.telemetry.io import read_traces
+
+    sources: dict[str, LabelledSet] = {}
+    for path in traces:
+        data = LabelledSet.from_traces(read_traces(path))
+        name = data.spec.launch_model
+        if name in sources:
+            raise ValueError(f"two trace files of launch model '{name}'")
+        sources[name] = data
+    ids = [np.sort(d.ids) for d in sources.values()]
+    if any(len(i) != len(ids[0]) or not np.array_equal(i, ids[0]) for i in ids):
+        raise ValueError("the trace files do not hold the same requests; collect them in one run")
+    texts = None
+    if corpus is not None:
+        from routescan.corpus.builder import CorpusConfig, build_corpus
+
+        texts = {e.id: e.text for e in build_corpus(corpora, CorpusConfig.from_yaml(corpus))}
+        missing = [i for i in ids[0] if i not in texts][:3]
+        if missing:
+            raise ValueError(
+                f"traces {missing} are not in corpus {corpus}; was it collected from another recipe?"
+            )
+    first = next(iter(sources.values()))
+    bar = tqdm(desc="evaluating", unit="fit", file=sys.stderr)
+
+    def progress(step: str) -> None:
+        bar.set_postfix_str(step[:60])
+        bar.update()
+
+    results = run(
+        sources,
+        texts=texts,
+        methods=[m for m in methods.split(",") if m],
+        n_boot=bootstrap,
+        seed=seed,
+        progress=progress,
+    )
+    bar.close()
+    command = "routescan evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    results["meta"] = {
+        "model_id": first.spec.model_id,
+        "command": command,
+        "rows": len(first),
+        "harmful": int(first.y.sum()),
+        "hard_negatives": int(first.hard_negative.sum()),
+        "wrapped": int(first.wrapped.sum()),
+    }
+    figures = write_figures(results, out.parent / "figures", out.stem)
+    preamble = (
+        f"Model `{first.spec.model_id}`; {len(first)} requests ({int(first.y.sum())} harmful, "
+        f"{int(first.wrapped.sum())} wrapped, {int(first.hard_negative.sum())} hard negatives). "
+        f"Written by:\n\n```bash\n{command}\n```\n\n"
+        + "\n".join(f"![{p.stem}](figures/{p.name})" for p in figures)
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(results, title=title, preamble=preamble), encoding="utf-8")
+    write_json({k: v for k, v in results.items() if k != "curves"}, out.with_suffix(".json"))
+    console.print(f"wrote {out}, {out.with_suffix('.json')} and {len(figures)} figure(s)")
+    summary = {
+        src: {m: round(e["lodo"]["summary"]["mean_auroc"], 4) for m, e in by_m.items()}
+        for src, by_m in results["sources"].items()
+    }
+    typer.echo(json.dumps({"out": str(out), "lodo_mean_auroc": summary}))

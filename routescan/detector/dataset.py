@@ -1,0 +1,86 @@
+"""Labelled fingerprints: what the detector trains and is evaluated on, read from corpus traces.
+
+Traces collected with ``routescan collect --corpus`` carry their example's metadata as labels
+(label, domain, wrapper family, base request id, hard-negative flag); nothing else is needed, and no
+text is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from routescan.features.fingerprint import FingerprintSpec
+from routescan.telemetry.schema import RequestTrace
+
+PLAIN = "none"
+BENIGN_GROUP = "benign"
+
+
+@dataclass
+class LabelledSet:
+    spec: FingerprintSpec
+    ids: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    domain: np.ndarray
+    family: np.ndarray
+    base: np.ndarray
+    hard_negative: np.ndarray
+    prompt_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def wrapped(self) -> np.ndarray:
+        return self.family != PLAIN
+
+    def environments(self) -> np.ndarray:
+        """Training environments for invariance: a wrapper family for wrapped requests (both classes
+        inside), the harm domain for plain harmful ones, and one plain-benign pool."""
+        env = np.where(self.y == 1, self.domain, BENIGN_GROUP).astype(object)
+        env[self.wrapped] = np.char.add("wrap:", self.family[self.wrapped].astype(str))
+        return env.astype(str)
+
+    def subset(self, idx: np.ndarray) -> LabelledSet:
+        return LabelledSet(
+            self.spec,
+            *(
+                getattr(self, f)[idx]
+                for f in ("ids", "X", "y", "domain", "family", "base", "hard_negative", "prompt_tokens")
+            ),
+        )
+
+    @classmethod
+    def from_traces(cls, traces: Iterable[RequestTrace], spec: FingerprintSpec | None = None) -> LabelledSet:
+        traces = list(traces)
+        if not traces:
+            raise ValueError("no traces")
+        spec = spec or FingerprintSpec.from_trace(traces[0])
+        missing = [t.trace_id for t in traces if "label" not in t.labels][:3]
+        if missing:
+            raise ValueError(
+                f"traces without a 'label' (e.g. {missing}); collect them with `routescan collect --corpus` "
+                "or --label-column label"
+            )
+
+        def col(key: str, default: object) -> np.ndarray:
+            return np.array([str(t.labels.get(key, default)) for t in traces])
+
+        y = np.array([int(float(t.labels["label"])) for t in traces])
+        if set(np.unique(y)) - {0, 1}:
+            raise ValueError("labels must be 0 (benign) or 1 (harmful)")
+        return cls(
+            spec=spec,
+            ids=np.array([t.trace_id for t in traces]),
+            X=spec.transform_many(traces),
+            y=y,
+            domain=np.where(y == 1, col("domain", "unmapped"), BENIGN_GROUP),
+            family=col("family", PLAIN),
+            base=np.array([str(t.labels.get("base", t.trace_id)) for t in traces]),
+            hard_negative=col("hard_negative", 0) == "1",
+            prompt_tokens=np.array([t.prompt_tokens for t in traces], dtype=np.float64),
+        )

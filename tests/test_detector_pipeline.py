@@ -1,0 +1,183 @@
+"""Corpus recipe -> collect -> train -> evaluate, end to end on a tiny model and a synthetic corpus
+(planted tokens stand in for harm; no real prompt is used or printed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from routescan.cli.main import app
+from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
+from routescan.detector.artifact import Detector
+from routescan.detector.dataset import LabelledSet
+from routescan.detector.protocols import family_folds, lodo_folds
+from routescan.telemetry.io import read_traces
+
+WORDS = "the a of to and in is for on with as by at from about please tell me how what".split()
+PLANTS = {"alpha": "QQX VVK", "beta": "QQX ZZJ", "gamma": "QQX KKW"}
+runner = CliRunner()
+
+
+def _sentence(rng: np.random.Generator, n: int) -> str:
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpora")
+    rng = np.random.default_rng(0)
+    with (root / "harmful.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "source", "source_category", "domain", "duplicate_of_earlier", "source_file"])
+        for i in range(150):
+            domain = ["alpha", "beta", "gamma"][i % 3]
+            w.writerow(
+                [f"{_sentence(rng, 4)} {PLANTS[domain]} {_sentence(rng, 5)}", "synth", "", domain, 0, "x"]
+            )
+        w.writerow(["QQX VVK duplicate", "synth", "", "alpha", 1, "x"])  # dropped by de-duplication
+        for _ in range(12):
+            w.writerow([f"{_sentence(rng, 6)} QQX", "synth", "", "", 0, "x"])  # unmapped
+    with (root / "benign.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "source", "subtype", "hard_negative", "duplicate_of_earlier", "source_file"])
+        for i in range(320):
+            split = ["val", "test", "train"][i % 3]
+            w.writerow(
+                [
+                    _sentence(rng, int(rng.integers(5, 14))),
+                    "alpaca",
+                    "",
+                    0,
+                    0,
+                    f"alpaca/harmless_{split}.json",
+                ]
+            )
+        for _ in range(10):
+            w.writerow([f"{_sentence(rng, 5)} VVK", "xstest", "", 1, 0, "xstest"])
+    with (root / "wrappers.jsonl").open("w") as fh:
+        for i, fam in enumerate(["autodan", "in_the_wild", "prefix_injection", "style_injection"]):
+            fh.write(
+                json.dumps({"id": f"t{i}", "family": fam, "template": f"{{braces}} {fam} says: {{query}} ok"})
+                + "\n"
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "c.yaml"
+    path.write_text(
+        "name: synth\nbenign: {count: 160}\nwrapping: {harmful_per_family: 12, benign_per_family: 12}\nseed: 0\n"
+    )
+    return path
+
+
+def test_corpus_builder_rules(corpora: Path, recipe: Path) -> None:
+    examples = build_corpus(corpora, CorpusConfig.from_yaml(recipe))
+    counts = summarize(examples)
+    assert counts["harmful_plain"] == 162 and counts["benign_plain"] == 160 and counts["hard_negatives"] == 10
+    # the DAN-like families are one super-family; benign requests are wrapped too
+    assert counts["wrapped_by_family"] == {
+        "dan_like": {"harmful": 12, "benign": 12},
+        "prefix_injection": {"harmful": 12, "benign": 12},
+        "style_injection": {"harmful": 12, "benign": 12},
+    }
+    plain_benign = {e.id for e in examples if e.label == 0 and e.family == "none"}
+    wrapped_benign_bases = {e.base for e in examples if e.label == 0 and e.family != "none"}
+    assert not plain_benign & wrapped_benign_bases  # wrapped benign come from a disjoint pool
+    wrapped = next(e for e in examples if e.family == "prefix_injection")
+    assert "{braces}" in wrapped.text and "{query}" not in wrapped.text  # plain replace, not format
+    assert all(len(e.labels()) == 7 for e in examples)
+    # seeded: the same recipe gives the same corpus
+    assert [e.id for e in build_corpus(corpora, CorpusConfig.from_yaml(recipe))] == [e.id for e in examples]
+
+
+def test_collect_train_evaluate(corpora: Path, recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "collect",
+            "--tiny",
+            "mixtral",
+            "--corpus",
+            str(recipe),
+            "--corpora",
+            str(corpora),
+            "--out",
+            str(out),
+            "-l",
+            "hf-eager",
+            "-l",
+            "vllm-fused-moe",
+            "--batch-size",
+            "16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    hf, vllm = tmp_path / "t.hf-eager.jsonl", tmp_path / "t.vllm-fused-moe.jsonl"
+    traces = list(read_traces(hf))
+    assert len(traces) == 162 + 160 + 10 + 72
+    assert all(not any(w in t.model_dump_json() for w in ("QQX", "please tell")) for t in traces)
+
+    data = LabelledSet.from_traces(traces)
+    folds = lodo_folds(data, min_size=40) + family_folds(data)
+    assert [f.held_out for f in folds] == [
+        "alpha",
+        "beta",
+        "gamma",
+        "dan_like",
+        "prefix_injection",
+        "style_injection",
+    ]
+    for f in folds:
+        assert not set(data.base[f.train]) & set(data.base[f.test])  # no request on both sides
+        assert not data.hard_negative[f.train].any()
+        if f.protocol == "lodo":
+            assert f.held_out not in set(data.domain[f.train])
+
+    det = tmp_path / "d.zip"
+    result = runner.invoke(app, ["train", str(hf), "-o", str(det)])
+    assert result.exit_code == 0, result.output
+    detector = Detector.load(det)
+    assert [p.name for p in detector.card.operating_points] == ["fpr1", "fpr5"]
+    probs = detector.predict_proba(detector.spec.transform_many(traces[:5]))
+    assert np.all((probs >= 0) & (probs <= 1))
+    # a detector refuses traces of another launch model
+    result = runner.invoke(
+        app, ["score", str(vllm), "--detector", str(det), "-o", str(tmp_path / "s.jsonl"), "--on-bad", "fail"]
+    )
+    assert result.exit_code == 2 and "launch model" in result.output
+
+    report = tmp_path / "report" / "results.md"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(hf),
+            str(vllm),
+            "--corpus",
+            str(recipe),
+            "--corpora",
+            str(corpora),
+            "-o",
+            str(report),
+            "--bootstrap",
+            "50",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    body = json.loads(report.with_suffix(".json").read_text())
+    lodo = body["sources"]["hf-eager"]["invariant"]["lodo"]
+    assert set(lodo["folds"]) == {"alpha", "beta", "gamma"}
+    assert set(body["shared"]) == {"length", "tfidf"}
+    # the planted tokens make the text baseline near perfect: the harness measures what it should
+    assert body["shared"]["tfidf"]["lodo"]["summary"]["mean_auroc"] > 0.9
+    assert (report.parent / "figures" / "results-roc-hf-eager.png").stat().st_size > 1000
+    text = report.read_text()
+    assert "leave-one-domain-out" in text and "QQX" not in text
