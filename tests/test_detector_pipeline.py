@@ -18,7 +18,28 @@ from routescan.detector.dataset import LabelledSet
 from routescan.detector.protocols import family_folds, lodo_folds
 from routescan.telemetry.io import read_traces
 
-WORDS = "the a of to and in is for on with as by at from about please tell me how what".split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "about",
+    "please",
+    "tell",
+    "me",
+    "how",
+    "what",
+]
 PLANTS = {"alpha": "QQX VVK", "beta": "QQX ZZJ", "gamma": "QQX KKW"}
 runner = CliRunner()
 
@@ -72,7 +93,8 @@ def corpora(tmp_path_factory) -> Path:
 def recipe(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "c.yaml"
     path.write_text(
-        "name: synth\nbenign: {count: 160}\nwrapping: {harmful_per_family: 12, benign_per_family: 12}\nseed: 0\n"
+        "name: synth\nbenign: {count: 160}\n"
+        "wrapping: {harmful_per_family: 12, benign_per_family: 12}\nseed: 0\n"
     )
     return path
 

@@ -76,7 +76,24 @@ def corpus_rows(recipe: Path, corpora: Path) -> list[PromptRow]:
         f" + {counts['benign_plain']} benign + {counts['hard_negatives']} hard negatives + {wrapped} wrapped",
         highlight=False,
     )
-    return [PromptRow(i, e.text, e.id, e.labels()) for i, e in enumerate(examples)]
+    rows = [PromptRow(i, e.text, e.id, e.labels()) for i, e in enumerate(examples)]
+    # similar lengths share a batch, so padding does not multiply the cost of the long wrapped requests
+    return sorted(rows, key=lambda r: len(r.text))
+
+
+def _cupti_stream(loaded, requests, names: list[str], max_tokens: int):
+    """(request, {name: trace}) from the GPU collector, under the single output name asked for."""
+    from routescan.telemetry.cupti import CuptiCollector, GpuUnavailable
+
+    if len(names) != 1:
+        raise ValueError("the cupti collector writes one trace per request: give at most one --launch-model")
+    try:
+        collector = CuptiCollector(loaded, max_tokens=max_tokens)
+        loaded.model.to("cuda")
+        for request, trace in collector.collect(requests):
+            yield request, {names[0]: trace}
+    except GpuUnavailable as exc:
+        raise ValueError(str(exc)) from None
 
 
 def collect(
@@ -177,6 +194,15 @@ def collect(
             help="Model id to write into traces (default: from the model's config).", show_default=False
         ),
     ] = None,
+    collector: Annotated[
+        str,
+        typer.Option(
+            help="emulated: CPU/any-device forward with routers hooked, launches computed by the launch "
+            "models. cupti: a GPU prefill per request, kernels read from CUPTI activity records "
+            "(needs routescan[gpu] and an NVIDIA driver; launch models do not apply).",
+            envvar="ROUTESCAN_COLLECTOR",
+        ),
+    ] = "emulated",
     resume: Annotated[
         bool,
         typer.Option(
@@ -262,10 +288,15 @@ def _collect(**kw) -> None:
                 "[yellow]note:[/] per-expert launch sizes need experts_implementation='eager' on the GPU;"
                 " the emulator computes them from routing regardless"
             )
-        collector = EmulatedCollector(
-            loaded, launch_models, batch_size=kw["batch_size"], max_tokens=kw["max_tokens"]
-        )
         requests = (Request(r.trace_id, r.text, row=r.row, labels=r.labels) for r in todo)
+        if kw["collector"] == "cupti":
+            stream = _cupti_stream(loaded, requests, names, kw["max_tokens"])
+        elif kw["collector"] == "emulated":
+            stream = EmulatedCollector(
+                loaded, launch_models, batch_size=kw["batch_size"], max_tokens=kw["max_tokens"]
+            ).collect(requests)
+        else:
+            raise ValueError(f"--collector must be 'emulated' or 'cupti', not {kw['collector']!r}")
         handles = {name: staging[name].open("a", encoding="utf-8") for name in names}
         try:
             with Progress(
@@ -277,7 +308,7 @@ def _collect(**kw) -> None:
                 transient=not console.is_terminal,
             ) as bar:
                 task = bar.add_task("collect", total=len(todo))
-                for _request, traces in collector.collect(requests):
+                for _request, traces in stream:
                     for name, trace in traces.items():
                         append_jsonl(handles[name], trace)
                     bar.advance(task)

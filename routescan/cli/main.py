@@ -10,6 +10,7 @@ from routescan import __version__
 from routescan.cli.collect import collect
 from routescan.cli.evaluate import evaluate
 from routescan.cli.featurize import featurize
+from routescan.cli.info import info
 from routescan.cli.inspect_cmd import inspect
 from routescan.cli.moefy_cmd import moefy
 from routescan.cli.score import score
@@ -49,6 +50,7 @@ app.command()(serve)
 app.command()(moefy)
 app.command()(train)
 app.command()(evaluate)
+app.command()(info)
 
 if __name__ == "__main__":
     app()

@@ -14,6 +14,9 @@ the block is the dense FFN, up to float summation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -45,10 +48,15 @@ class MoEfiedRouter(nn.Module):
 
 
 class MoEfiedExperts(nn.Module):
-    """``num_experts`` gated FFN slices with stacked weights, computed expert by expert."""
+    """``num_experts`` gated FFN slices with stacked weights, computed expert by expert.
+
+    ``expert_scope``, when set, is entered around each expert's kernels: the CUPTI collector tags each
+    expert's launches through it, exactly, instead of splitting the loop's kernel stream afterwards.
+    """
 
     has_gate = True
     is_transposed = False
+    expert_scope: Callable[[int], AbstractContextManager] | None = None
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str) -> None:
         super().__init__()
@@ -66,11 +74,13 @@ class MoEfiedExperts(nn.Module):
             # [E, k, tokens]: which (slot, token) pairs went to each expert
             mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
             hit = torch.nonzero(mask.sum(dim=(-1, -2)) > 0).flatten().tolist()
+        scope = self.expert_scope
         for expert in hit:
-            slot, token = torch.where(mask[expert])
-            gate, up = F.linear(hidden[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
+            with scope(expert) if scope is not None else nullcontext():
+                slot, token = torch.where(mask[expert])
+                gate, up = F.linear(hidden[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+                out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
         return out
 
 
