@@ -18,30 +18,7 @@ from routescan.detector.dataset import LabelledSet
 from routescan.detector.protocols import family_folds, lodo_folds
 from routescan.telemetry.io import read_traces
 
-WORDS = (
-    "the a of to and in is for on with as by at from about please tell me how what"
-).split()  # noqa: SIM905
-    "the",
-    "a",
-    "of",
-    "to",
-    "and",
-    "in",
-    "is",
-    "for",
-    "on",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "about",
-    "please",
-    "tell",
-    "me",
-    "how",
-    "what",
-]
+WORDS = ("the a of to and in is for on with as by at from about please tell me how what").split()  # noqa: SIM905
 PLANTS = {"alpha": "QQX VVK", "beta": "QQX ZZJ", "gamma": "QQX KKW"}
 runner = CliRunner()
 
