@@ -98,30 +98,20 @@ def test_corpus_builder_rules(corpora: Path, recipe: Path) -> None:
     assert [e.id for e in build_corpus(corpora, CorpusConfig.from_yaml(recipe))] == [e.id for e in examples]
 
 
-def test_collect_train_evaluate(corpora: Path, recipe: Path, tmp_path: Path) -> None:
-    out = tmp_path / "t.jsonl"
-    result = runner.invoke(
-        app,
-        [
-            "collect",
-            "--tiny",
-            "mixtral",
-            "--corpus",
-            str(recipe),
-            "--corpora",
-            str(corpora),
-            "--out",
-            str(out),
-            "-l",
-            "hf-eager",
-            "-l",
-            "vllm-fused-moe",
-            "--batch-size",
-            "16",
-        ],
-    )
+@pytest.fixture(scope="module")
+def collected(corpora: Path, recipe: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """One collection of the synthetic corpus, shared by the tests below (hf-eager and vllm traces)."""
+    out = tmp_path_factory.mktemp("traces") / "t.jsonl"
+    args = ["collect", "--tiny", "mixtral", "--corpus", str(recipe), "--corpora", str(corpora)]
+    args += ["--out", str(out), "-l", "hf-eager", "-l", "vllm-fused-moe", "--batch-size", "16"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    hf, vllm = tmp_path / "t.hf-eager.jsonl", tmp_path / "t.vllm-fused-moe.jsonl"
+    return out.with_name("t.hf-eager.jsonl"), out.with_name("t.vllm-fused-moe.jsonl")
+
+
+def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path: Path) -> None:
+    hf, vllm = collected
+
     traces = list(read_traces(hf))
     assert len(traces) == 162 + 160 + 10 + 72
     assert all(not any(w in t.model_dump_json() for w in ("QQX", "please tell")) for t in traces)
@@ -182,3 +172,25 @@ def test_collect_train_evaluate(corpora: Path, recipe: Path, tmp_path: Path) -> 
     assert (report.parent / "figures" / "results-roc-hf-eager.png").stat().st_size > 1000
     text = report.read_text()
     assert "leave-one-domain-out" in text and "QQX" not in text
+
+
+def test_invert_attacks_run_and_text_beats_fingerprints(
+    collected, corpora: Path, recipe: Path, tmp_path
+) -> None:
+    hf, _ = collected
+    out = tmp_path / "privacy.md"
+    args = ["invert", str(hf), "--corpus", str(recipe), "--corpora", str(corpora), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--top-n", "20", "--pools", "50"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(out.with_suffix(".json").read_text())
+    w = body["word_recovery"]
+    # given the text, the same attacker recovers the words: the harness can tell leaky from not
+    best = {
+        rep: max(w[f"{rep} / {a}"]["f1"] for a in ("knn", "mlp")) for rep in ("text (tf-idf)", "fingerprint")
+    }
+    assert best["text (tf-idf)"] > best["fingerprint"] + 0.05, w
+    assert best["text (tf-idf)"] > w["frequent-words baseline"]["f1"] + 0.1, w
+    # a fingerprint is a deterministic function of the prompt: a dictionary attacker finds exact guesses
+    assert body["retrieval"]["50"]["model_access_top1"] > 0.5
+    assert body["revealed"]["length"]["mae_tokens"] >= 0
+    assert "QQX" not in out.read_text() and "qqx" not in out.read_text()

@@ -12,6 +12,7 @@ from routescan.cli.evaluate import evaluate
 from routescan.cli.featurize import featurize
 from routescan.cli.info import info
 from routescan.cli.inspect_cmd import inspect
+from routescan.cli.invert import invert
 from routescan.cli.moefy_cmd import moefy
 from routescan.cli.score import score
 from routescan.cli.serve import serve
@@ -51,6 +52,7 @@ app.command()(moefy)
 app.command()(train)
 app.command()(evaluate)
 app.command()(info)
+app.command()(invert)
 
 if __name__ == "__main__":
     app()
