@@ -154,3 +154,20 @@ def test_parquet_with_an_unknown_column_is_rejected(tmp_path) -> None:
 def test_unknown_suffix(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"\.jsonl or \.parquet"):
         write_traces(tmp_path / "t.csv", [make_trace()])
+
+
+def test_aggregated_trace_keeps_the_fingerprint(tiny, launch_models) -> None:
+    from routescan.features.fingerprint import FingerprintSpec
+    from routescan.telemetry.emulated import EmulatedCollector, Request
+
+    loaded = tiny("qwen2_moe")
+    _, traces = next(
+        EmulatedCollector(loaded, [launch_models["hf-eager"]]).collect([Request("a", "hello there")])
+    )
+    full = traces["hf-eager"]
+    small = full.aggregated()
+    assert len(small.launches) < len(full.launches)
+    assert small.expert_threads() == full.expert_threads()
+    spec = FingerprintSpec.from_trace(full)
+    assert (spec.transform(small) == spec.transform(full)).all()
+    assert type(small).model_validate_json(small.model_dump_json()) == small  # still a valid trace

@@ -194,6 +194,14 @@ def collect(
             help="Model id to write into traces (default: from the model's config).", show_default=False
         ),
     ] = None,
+    aggregate: Annotated[
+        bool,
+        typer.Option(
+            "--aggregate/--per-kernel",
+            help="Write one summed launch per (layer, expert) instead of every kernel: fingerprints are "
+            "identical and files far smaller (eager loops over many experts emit thousands of kernels).",
+        ),
+    ] = False,
     collector: Annotated[
         str,
         typer.Option(
@@ -310,7 +318,7 @@ def _collect(**kw) -> None:
                 task = bar.add_task("collect", total=len(todo))
                 for _request, traces in stream:
                     for name, trace in traces.items():
-                        append_jsonl(handles[name], trace)
+                        append_jsonl(handles[name], trace.aggregated() if kw["aggregate"] else trace)
                     bar.advance(task)
         finally:
             for fh in handles.values():

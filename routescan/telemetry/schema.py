@@ -139,3 +139,36 @@ class RequestTrace(_Strict):
                 key = (launch.layer, launch.expert)  # type: ignore[assignment]
                 out[key] = out.get(key, 0) + launch.threads  # type: ignore[index]
         return out
+
+    def aggregated(self) -> RequestTrace:
+        """The same trace with one summary launch per (layer, expert, region, phase).
+
+        Fingerprints read only these sums, so they are unchanged; a trace with thousands of per-kernel
+        launches (eager loops over many experts) shrinks to one record per expert. The summary keeps
+        the threads as ``grid = (threads, 1, 1)``, ``block = (1, 1, 1)`` and the kernel name ``sum``.
+        """
+        sums: dict[tuple, list[int | None]] = {}
+        for launch in self.launches:
+            key = (launch.layer, launch.expert, launch.region, launch.phase)
+            entry = sums.setdefault(key, [0, None, None])
+            entry[0] += launch.threads
+            if launch.start_ns is not None:
+                entry[1] = launch.start_ns if entry[1] is None else min(entry[1], launch.start_ns)
+            if launch.end_ns is not None:
+                entry[2] = launch.end_ns if entry[2] is None else max(entry[2], launch.end_ns)
+        launches = [
+            KernelLaunch(
+                kernel="sum",
+                layer=layer,
+                expert=expert,
+                region=region,
+                grid=(threads, 1, 1),
+                block=(1, 1, 1),
+                threads=threads,
+                phase=phase,
+                start_ns=start,
+                end_ns=end,
+            )
+            for (layer, expert, region, phase), (threads, start, end) in sums.items()
+        ]
+        return self.model_copy(update={"launches": launches})
