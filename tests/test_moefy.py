@@ -240,3 +240,24 @@ def test_calibration_reads_only_the_alpaca_train_split(tmp_path: Path) -> None:
         )
         with pytest.raises(ConversionError, match="only the Alpaca train split"):
             calibration_prompts(tmp_path, recipe)
+
+
+def test_masked_dense_experts_compute_what_the_eager_loop_computes(tmp_path: Path) -> None:
+    model = dense("gemma", torch.float64)
+    report = moefy_model(model, sequences(), spec(8, 3, 16), pad_id=0, base="tiny")
+    with torch.no_grad():
+        eager = model(ids()).logits
+        for m in model.modules():
+            if type(m).__name__ == "MoEfiedExperts":
+                m.implementation = "masked_dense"
+        masked = model(ids()).logits
+    torch.testing.assert_close(masked, eager, rtol=0, atol=1e-10)
+    save_word_tokenizer(tmp_path / "m")
+    from transformers import AutoTokenizer
+
+    save_moefied(model.float(), AutoTokenizer.from_pretrained(tmp_path / "m"), tmp_path / "m", report)
+    assert load_pretrained(
+        tmp_path / "m", experts_implementation="masked_dense"
+    ).adapter.experts_implementation == ("masked_dense")
+    with pytest.raises(ValueError, match="grouped_mm"):
+        load_moefied(tmp_path / "m", experts_implementation="grouped_mm")

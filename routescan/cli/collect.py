@@ -202,6 +202,15 @@ def collect(
             "identical and files far smaller (eager loops over many experts emit thousands of kernels).",
         ),
     ] = False,
+    experts_implementation: Annotated[
+        str,
+        typer.Option(
+            help="How --model computes its experts. eager: per-expert kernels (what GPU collection "
+            "needs). For emulated collection on CPU a faster one gives the same routing: masked_dense "
+            "for `routescan moefy` models, grouped_mm / batched_mm for transformers MoEs.",
+            envvar="ROUTESCAN_EXPERTS_IMPLEMENTATION",
+        ),
+    ] = "eager",
     collector: Annotated[
         str,
         typer.Option(
@@ -277,6 +286,7 @@ def _collect(**kw) -> None:
         if kw["model"] is not None:
             loaded = load_pretrained(
                 kw["model"],
+                experts_implementation=kw["experts_implementation"],
                 chat_template=kw["chat_template"],
                 system_prompt=kw["system_prompt"],
                 model_id=kw["model_id"],

@@ -195,7 +195,7 @@ class MoEAdapter:
     def experts_implementation(self) -> str | None:
         config = getattr(self.model, "config", None)
         if self.arch is MOEFIED:
-            return "eager"
+            return str(getattr(self.layers[0].experts, "implementation", "eager"))
         return getattr(config, "_experts_implementation", None)
 
     @contextmanager

@@ -65,7 +65,7 @@ def load_pretrained(
             # a reference MoE built by `routescan moefy`: its MoE blocks are not a transformers class
             from routescan.models.moefy.store import load_moefied
 
-            model = load_moefied(path, dtype=dtype)
+            model = load_moefied(path, dtype=dtype, experts_implementation=experts_implementation)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, experts_implementation=experts_implementation, dtype=dtype

@@ -57,6 +57,10 @@ class MoEfiedExperts(nn.Module):
     has_gate = True
     is_transposed = False
     expert_scope: Callable[[int], AbstractContextManager] | None = None
+    # "eager": one set of kernels per hit expert (launch sizes follow routing; what the GPU collectors
+    # need). "masked_dense": every expert in two large matmuls, unchosen ones zeroed: the same output
+    # up to float summation order, several times faster on CPU, for emulated collection.
+    implementation = "eager"
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str) -> None:
         super().__init__()
@@ -69,6 +73,8 @@ class MoEfiedExperts(nn.Module):
     def forward(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.implementation == "masked_dense":
+            return self._masked_dense(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)
         with torch.no_grad():
             # [E, k, tokens]: which (slot, token) pairs went to each expert
@@ -82,6 +88,20 @@ class MoEfiedExperts(nn.Module):
                 y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
                 out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
         return out
+
+    def _masked_dense(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        num, two_i, width = self.gate_up_proj.shape
+        gate_up = F.linear(hidden, self.gate_up_proj.reshape(num * two_i, width)).view(tokens, num, two_i)
+        gate, up = gate_up.chunk(2, dim=-1)
+        # routing weight per (token, expert); 0 for experts the token did not choose
+        weight = torch.zeros(tokens, num, dtype=hidden.dtype, device=hidden.device)
+        weight.scatter_add_(1, top_k_index, top_k_weights.to(hidden.dtype))
+        inner = (self.act_fn(gate) * up) * weight.unsqueeze(-1)
+        down = self.down_proj.permute(1, 0, 2).reshape(self.down_proj.shape[1], -1)  # [H, E*I]
+        return F.linear(inner.reshape(tokens, -1), down)
 
 
 class SharedExpert(nn.Module):

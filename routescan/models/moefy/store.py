@@ -18,6 +18,7 @@ from torch import nn
 
 from routescan.models.adapters import is_moefied
 from routescan.models.moefy.convert import MOEFY_VERSION, MoefyReport, install_moe
+from routescan.models.moefy.modules import MoEfiedExperts
 
 WEIGHTS = "model.safetensors"
 REPORT = "moefy-report.json"
@@ -45,8 +46,22 @@ def save_moefied(
     return out
 
 
-def load_moefied(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """The saved MoEfied model at ``path`` (eval mode, on CPU)."""
+IMPLEMENTATIONS = ("eager", "masked_dense")
+
+
+def load_moefied(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, experts_implementation: str = "eager"
+):
+    """The saved MoEfied model at ``path`` (eval mode, on CPU).
+
+    ``experts_implementation``: "eager" (per-expert kernels: what GPU collection needs) or
+    "masked_dense" (same routing and output, faster on CPU; see MoEfiedExperts).
+    """
+    if experts_implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"a MoEfied model computes its experts with one of {IMPLEMENTATIONS}, "
+            f"not {experts_implementation!r}"
+        )
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -64,6 +79,9 @@ def load_moefied(path: str | Path, *, dtype: torch.dtype = torch.float32):
     missing, unexpected = load_model(model, str(weights), strict=True)
     if missing or unexpected:  # strict=True raises first; kept for clarity if that ever changes
         raise ValueError(f"{path}: weights do not match the model: {missing or unexpected}")
+    for module in model.modules():
+        if isinstance(module, MoEfiedExperts):
+            module.implementation = experts_implementation
     model.eval()
     return model
 
