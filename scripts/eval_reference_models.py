@@ -187,7 +187,9 @@ def heatmap(diff: np.ndarray, title: str, path: Path) -> None:
 
 def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
     report = read_report(moe_dir)
-    loaded = load_pretrained(moe_dir)
+    # masked_dense: identical routing and outputs (tested), several times faster on CPU; the eager
+    # loop is loaded too, for the prefill timing that matters for telemetry
+    loaded = load_pretrained(moe_dir, experts_implementation="masked_dense")
     meta = loaded.model.config.moefication
     enc, pad = loaded.encoder, loaded.encoder.pad_id
     base_file = Path(meta["base"])
@@ -250,7 +252,14 @@ def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
     print(f"[{report.name}] CPU prefill time", file=sys.stderr)
     timing_seqs = seqs[: args.timing_prompts]
     torch.set_num_threads(args.threads)
-    ms_dense, ms_moe = prefill_ms(dense, timing_seqs), prefill_ms(loaded.model, timing_seqs)
+    ms_dense, ms_masked = prefill_ms(dense, timing_seqs), prefill_ms(loaded.model, timing_seqs)
+    for module in loaded.model.modules():
+        if hasattr(module, "implementation"):
+            module.implementation = "eager"
+    ms_moe = prefill_ms(loaded.model, timing_seqs)
+    for module in loaded.model.modules():
+        if hasattr(module, "implementation"):
+            module.implementation = "masked_dense"
 
     print(f"[{report.name}] benign vs harmful routing (first look, no detector)", file=sys.stderr)
     harmful = sample(load_harmful(corpora), args.signal_prompts, args.seed)
@@ -313,6 +322,7 @@ def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
             "median_tokens": statistics.median(len(s) for s in timing_seqs),
             "dense": ms_dense,
             "moe": ms_moe,
+            "moe_masked_dense": ms_masked,
         },
         "signal": {
             "harmful": len(h),
@@ -401,7 +411,7 @@ def render(results: list[dict], command: str) -> str:
         "",
         "| model | load entropy / log E (mean, min layer) | max/mean load (mean, worst layer) | "
         "fingerprint TV: random pairs | + ' Please.' | lowercase first letter | template-suffix top-k "
-        "changed (+ ' Please.' / lowercase) | prefill ms dense | prefill ms MoE |",
+        "changed (+ ' Please.' / lowercase) | prefill ms dense | prefill ms MoE eager (masked dense) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -413,7 +423,7 @@ def render(results: list[dict], command: str) -> str:
             f"{s['random pairs']['fingerprint_tv']:.3f} | {pl['fingerprint_tv']:.3f} | "
             f"{lc['fingerprint_tv']:.3f} | "
             f"{_fmt(pl['suffix_topk_changed'])} / {_fmt(lc['suffix_topk_changed'])} | {t['dense']:.1f} | "
-            f"{t['moe']:.1f} |"
+            f"{t['moe']:.1f} ({t['moe_masked_dense']:.1f}) |"
         )
     t0 = results[0]["prefill_ms"]
     lines += [

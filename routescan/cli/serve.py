@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,14 @@ def serve(
     ] = None,
     port: Annotated[
         int | None, typer.Option(help="Port (default 8787; 0 picks a free one).", show_default=False)
+    ] = None,
+    uds: Annotated[
+        Path | None,
+        typer.Option(
+            help="Listen on this Unix domain socket instead of TCP (the in-process agent's default "
+            "transport; access is governed by the socket file's permissions, group read/write).",
+            show_default=False,
+        ),
     ] = None,
     detector: Annotated[
         Path | None,
@@ -53,6 +62,7 @@ def serve(
     friendly_errors(_serve)(
         host=host,
         port=port,
+        uds=uds,
         detector=detector,
         operating_point=operating_point,
         db=db,
@@ -71,7 +81,7 @@ def _serve(config: Path | None, **overrides: object) -> None:
 
     settings = load_settings(config, **overrides)
     token = settings.api_token()
-    if not settings.is_loopback() and not token:
+    if settings.uds is None and not settings.is_loopback() and not token:
         raise ValueError(
             f"refusing to listen on {settings.host} without an API token: set ROUTESCAN_API_TOKEN or "
             "--token-file (or bind 127.0.0.1)"
@@ -91,4 +101,11 @@ def _serve(config: Path | None, **overrides: object) -> None:
         highlight=False,
     )
     app = create_app(settings, detector=det)
+    if settings.uds is not None:
+        settings.uds.parent.mkdir(parents=True, exist_ok=True)
+        settings.uds.unlink(missing_ok=True)  # a stale socket from a killed daemon would block the bind
+        os.umask(0o007)  # socket rw for owner and group (the serving container's user), none for others
+        console.print(f"listening on unix socket {settings.uds}", highlight=False)
+        uvicorn.run(app, uds=str(settings.uds), access_log=settings.access_log, log_level="info")
+        return
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=settings.access_log, log_level="info")

@@ -17,6 +17,7 @@ class ServiceSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
+    uds: Path | None = None
     detector: Path | None = None
     operating_point: str | None = None
     db: Path | None = None

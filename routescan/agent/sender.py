@@ -1,0 +1,197 @@
+"""Ship traces from the serving process to the `routescan serve` daemon without ever blocking it.
+
+``submit`` puts an item on a bounded in-memory queue and returns at once (a full queue drops the item
+and counts it: serving latency comes first). A background thread batches items, builds their traces
+(off the forward path), and posts them to the daemon's ``/v1/score/batch`` over a Unix domain socket
+or loopback HTTP. When the daemon is unreachable, batches are appended to a local spool file (JSONL,
+fsynced) and replayed, oldest first, once it answers again. Delivery is at-least-once: a batch the
+daemon stored just before a connection broke may be sent twice; audit rows carry the trace id, so
+duplicates are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from routescan.telemetry.schema import RequestTrace
+
+Item = RequestTrace | Callable[[], RequestTrace]
+
+
+@dataclass
+class SenderCounters:
+    submitted: int = 0
+    sent: int = 0
+    dropped: int = 0  # queue full: never reached the daemon
+    spooled: int = 0
+    replayed: int = 0
+    rejected: int = 0  # the daemon refused them (wrong model / spec): retrying cannot help
+    build_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _client(target: str, token: str | None, timeout: float) -> tuple[httpx.Client, str]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    if target.startswith("unix://"):
+        transport = httpx.HTTPTransport(uds=target.removeprefix("unix://"))
+        return httpx.Client(transport=transport, timeout=timeout, headers=headers), "http://routescan"
+    if target.startswith(("http://", "https://")):
+        return httpx.Client(timeout=timeout, headers=headers), target.rstrip("/")
+    raise ValueError(f"daemon address {target!r}: use unix:///path/to.sock or http://127.0.0.1:PORT")
+
+
+class TraceSender:
+    """Bounded queue + background sender + spool. Thread-safe ``submit``; ``close`` drains."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        spool: str | Path,
+        queue_size: int = 10_000,
+        batch_max: int = 64,
+        flush_interval_s: float = 0.05,
+        retry_interval_s: float = 1.0,
+        timeout_s: float = 5.0,
+        token: str | None = None,
+    ) -> None:
+        self.target = target
+        self.spool = Path(spool)
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        self.batch_max = batch_max
+        self.flush_interval_s = flush_interval_s
+        self.retry_interval_s = retry_interval_s
+        self.counters = SenderCounters()
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
+        self._client, self._base = _client(target, token, timeout_s)
+        self._stop = threading.Event()
+        self._down_until = 0.0
+        self._thread = threading.Thread(target=self._run, name="routescan-sender", daemon=True)
+        self._thread.start()
+
+    # -- producer side (serving thread) ----------------------------------------------------------
+    def submit(self, item: Item) -> bool:
+        self.counters.submitted += 1
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self.counters.dropped += 1
+            return False
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send (or spool) everything queued, then stop the thread."""
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+        self._client.close()
+
+    def pending_spool(self) -> int:
+        if not self.spool.exists():
+            return 0
+        with self.spool.open("rb") as fh:
+            return sum(1 for line in fh if line.strip())
+
+    # -- sender thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch:
+                self._deliver(batch)
+            elif self._stop.is_set():
+                break
+            if not self._down() and self.spool.exists():
+                self._replay()
+
+    def _take(self) -> list[RequestTrace]:
+        items: list[RequestTrace] = []
+        deadline = time.monotonic() + self.flush_interval_s
+        while len(items) < self.batch_max:
+            wait = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=max(wait, 0.0)) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                items.append(item() if callable(item) else item)
+            except Exception:  # a bad trace must not kill the sender; counted, visible in metrics
+                self.counters.build_errors += 1
+        return items
+
+    def _down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _post(self, traces: list[RequestTrace]) -> str:
+        """'ok', 'rejected' (the daemon will never take these) or 'down'."""
+        body = (
+            '{"items":['
+            + ",".join('{"trace":' + t.model_dump_json(exclude_none=True) + "}" for t in traces)
+            + "]}"
+        )
+        try:
+            resp = self._client.post(
+                f"{self._base}/v1/score/batch", content=body, headers={"content-type": "application/json"}
+            )
+        except httpx.HTTPError:
+            return "down"
+        if resp.status_code == 200:
+            return "ok"
+        if resp.status_code in (409, 413, 422):
+            return "rejected"
+        return "down"  # 5xx, 503 while starting: try again later
+
+    def _deliver(self, traces: list[RequestTrace]) -> None:
+        status = "down" if self._down() else self._post(traces)
+        if status == "ok":
+            self.counters.sent += len(traces)
+        elif status == "rejected":
+            self.counters.rejected += len(traces)
+        else:
+            self._down_until = time.monotonic() + self.retry_interval_s
+            self._append_spool(traces)
+
+    def _append_spool(self, traces: list[RequestTrace]) -> None:
+        with self.spool.open("a", encoding="utf-8") as fh:
+            for t in traces:
+                fh.write(t.model_dump_json(exclude_none=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.counters.spooled += len(traces)
+
+    def _replay(self) -> None:
+        """Send the spool oldest first; what fails stays spooled, in order."""
+        replaying = self.spool.with_name(self.spool.name + ".replaying")
+        if not replaying.exists():
+            os.replace(self.spool, replaying)
+        lines = [line for line in replaying.read_text(encoding="utf-8").splitlines() if line.strip()]
+        done = 0
+        for start in range(0, len(lines), self.batch_max):
+            chunk = [
+                RequestTrace.model_validate(json.loads(line))
+                for line in lines[start : start + self.batch_max]
+            ]
+            status = self._post(chunk)
+            if status == "down":
+                self._down_until = time.monotonic() + self.retry_interval_s
+                break
+            if status == "ok":
+                self.counters.replayed += len(chunk)
+            else:
+                self.counters.rejected += len(chunk)
+            done = start + len(chunk)
+        rest = lines[done:]
+        if rest:
+            # keep the undelivered tail ahead of anything spooled meanwhile
+            newer = self.spool.read_text(encoding="utf-8") if self.spool.exists() else ""
+            self.spool.write_text("\n".join(rest) + "\n" + newer, encoding="utf-8")
+        replaying.unlink()

@@ -1,0 +1,182 @@
+"""The sidecar path end to end on CPU: a model server process with the agent inside, the real
+`routescan serve` daemon on a Unix socket, concurrent requests, a daemon crash and restart."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import free_port
+
+from routescan.agent import RouteScanAgent, TraceSender, packed_spans, padded_spans
+from routescan.telemetry.emulated import EmulatedCollector, Request
+from routescan.telemetry.io import read_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"request number {i} about topic {i % 5} " * (1 + i % 3) for i in range(64)]
+
+
+def test_batched_step_attribution_is_exact_and_spooled_when_no_daemon(tiny, launch_models, tmp_path) -> None:
+    """Per-request traces from one batched step equal each request collected alone; with no daemon
+    the traces wait in the spool."""
+    import torch
+
+    loaded = tiny("mixtral")
+    sender = TraceSender(
+        f"unix://{tmp_path}/nobody.sock", spool=tmp_path / "spool.jsonl", retry_interval_s=60
+    )
+    agent = RouteScanAgent(
+        loaded.model, sender, model_id=loaded.model_id, launch_model=launch_models["hf-eager"]
+    )
+    ids = [loaded.encoder.encode(p) for p in PROMPTS[:6]]
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), loaded.encoder.pad_id)
+    att = torch.zeros_like(x)
+    for i, s in enumerate(ids):
+        x[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+    names = [f"r{i}" for i in range(len(ids))]
+    with torch.inference_mode(), agent.step(padded_spans(names, [len(s) for s in ids], width)):
+        loaded.model(input_ids=x, attention_mask=att, use_cache=False)
+    with torch.inference_mode():
+        loaded.model(input_ids=x[:1])  # outside a step (a decode, say): ignored
+    sender.close()
+    agent.close()
+    assert sender.counters.spooled == 6 and sender.counters.sent == 0
+    spooled = {t.trace_id: t for t in read_traces(tmp_path / "spool.jsonl")}
+    alone = EmulatedCollector(loaded, [launch_models["hf-eager"]], batch_size=1)
+    for req, traces in alone.collect([Request(n, p) for n, p in zip(names, PROMPTS, strict=False)]):
+        assert spooled[req.trace_id].expert_threads() == traces["hf-eager"].expert_threads()
+
+
+def test_packed_spans() -> None:
+    spans = packed_spans(["a", "b", "c"], [3, 0, 5])
+    assert [(s.start, s.length) for s in spans] == [(0, 3), (3, 0), (3, 5)]
+
+
+def _wait(fn, timeout: float = 90.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def daemon(sock: Path, db: Path, log: Path):
+    env = {**os.environ, "ROUTESCAN_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "routescan.cli.main", "serve", "--uds", str(sock), "--db", str(db)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=5)
+
+    def ready() -> bool:
+        try:
+            return client.get("http://d/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait(ready, 60, "the daemon")
+        yield proc, client
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _audit_ids(client: httpx.Client) -> set[str]:
+    ids, offset = set(), 0
+    while offset is not None:
+        page = client.get("http://d/v1/audits", params={"limit": 500, "offset": offset}).json()
+        ids |= {row["trace_id"] for row in page["items"]}
+        offset = page["next_offset"]
+    return ids
+
+
+@pytest.mark.timeout(300)
+def test_sidecar_end_to_end_with_a_daemon_restart(tmp_path: Path) -> None:
+    sock, db = tmp_path / "run" / "routescan.sock", tmp_path / "audit.sqlite3"
+    port = free_port()
+    env = {
+        **os.environ,
+        "ROUTESCAN_DAEMON": f"unix://{sock}",
+        "ROUTESCAN_SPOOL": str(tmp_path / "spool.jsonl"),
+    }
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "model_server.py"), str(port)],
+        env=env,
+        stdout=(tmp_path / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(timeout=30)
+
+    def up() -> bool:
+        try:
+            return http.get(f"{base}/stats").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def send(ids: list[str]) -> list[int]:
+        with ThreadPoolExecutor(8) as pool:
+            res = list(
+                pool.map(
+                    lambda i: http.post(
+                        f"{base}/generate",
+                        json={"request_id": i, "prompt": PROMPTS[int(i.split("-")[1]) % len(PROMPTS)]},
+                    ),
+                    ids,
+                )
+            )
+        return [r.status_code for r in res]
+
+    try:
+        _wait(up, 120, "the model server")
+        first = [f"req-{i:03d}" for i in range(24)]
+        second = [f"req-{i:03d}" for i in range(24, 40)]
+        with daemon(sock, db, tmp_path / "daemon.log") as (proc, client):
+            assert send(first) == [200] * len(first)
+            _wait(lambda: set(first) <= _audit_ids(client), what="the first audits")
+            proc.send_signal(signal.SIGKILL)  # the daemon dies; serving goes on
+            proc.wait()
+        assert send(second) == [200] * len(second)
+        _wait(lambda: http.get(f"{base}/stats").json()["spooled"] >= len(second), what="spooling")
+        with daemon(sock, db, tmp_path / "daemon.log") as (_, client):
+            _wait(lambda: set(first + second) <= _audit_ids(client), what="the replayed audits")
+        stats = http.get(f"{base}/stats").json()
+        assert stats["dropped"] == 0 and stats["rejected"] == 0 and stats["spool"] == 0
+        assert stats["replayed"] >= len(second)
+    finally:
+        http.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_vllm_plugin_is_idempotent_and_inert_without_vllm(monkeypatch) -> None:
+    from routescan.agent import vllm_plugin
+
+    monkeypatch.setattr(vllm_plugin, "_REGISTERED", False)
+    vllm_plugin.register()
+    vllm_plugin.register()  # vLLM may call it in every process, more than once
+    assert vllm_plugin._REGISTERED
+
+
+def test_vllm_plugin_imports_where_vllm_is_installed() -> None:
+    pytest.importorskip("vllm")
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "routescan"]
+    assert ep.load() is __import__("routescan.agent.vllm_plugin", fromlist=["register"]).register
