@@ -32,30 +32,47 @@ from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 
 
 def group_effects(
-    X: np.ndarray, y: np.ndarray, groups: np.ndarray, min_positives: int = 5
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    min_positives: int = 5,
+    weights: np.ndarray | None = None,
+    X2: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Standardised harmful-minus-benign effect per (environment, feature): ``[G, d]``, names.
 
     Environments are the groups holding at least ``min_positives`` harmful rows. Each is compared
     with its own benign rows when it has as many, else with the benign rows of groups that hold no
-    harmful row at all (the plain benign pool).
+    harmful row at all (the plain benign pool). ``weights`` (0/1 per row) selects a subsample without
+    copying ``X``; all moments come from one weighted matrix product, which keeps stability selection
+    cheap on thousands of rows and features.
     """
     groups = np.asarray(groups).astype(str)
-    pos_groups = [g for g in np.unique(groups) if np.sum((groups == g) & (y == 1)) >= min_positives]
-    pure_neg = ~np.isin(groups, pos_groups) & (y == 0)
-    if not pure_neg.any():
-        pure_neg = y == 0
-    out, names = [], []
-    for g in pos_groups:
-        pos = X[(groups == g) & (y == 1)]
-        own_neg = (groups == g) & (y == 0)
-        neg = X[own_neg] if own_neg.sum() >= min_positives else X[pure_neg]
-        pooled = np.sqrt(0.5 * (pos.var(axis=0) + neg.var(axis=0))) + 1e-6
-        out.append((pos.mean(axis=0) - neg.mean(axis=0)) / pooled)
-        names.append(g)
-    if not out:
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    names = list(np.unique(groups))
+    onehot = (groups[:, None] == np.array(names)[None, :]).astype(np.float64) * w[:, None]
+    pos_counts = onehot[y == 1].sum(axis=0)
+    env = [k for k, n in enumerate(pos_counts) if n >= min_positives]
+    if not env:
         raise ValueError(f"no group has {min_positives} or more harmful rows; cannot measure invariance")
-    return np.vstack(out), names
+    pure = ~np.isin(groups, [names[k] for k in env]) & (y == 0)
+    if not (pure * w).sum():
+        pure = y == 0
+    # columns: each environment's positives, each environment's own negatives, the pure negatives
+    cols = np.concatenate(
+        [onehot[:, env] * (y == 1)[:, None], onehot[:, env] * (y == 0)[:, None], (pure * w)[:, None]], axis=1
+    )
+    X2 = X * X if X2 is None else X2
+    n = cols.sum(axis=0)[:, None]
+    mean = (cols.T @ X) / np.maximum(n, 1)
+    var = np.maximum((cols.T @ X2) / np.maximum(n, 1) - mean**2, 0.0)
+    k = len(env)
+    pos_m, pos_v = mean[:k], var[:k]
+    own = n[k : 2 * k, 0] >= min_positives
+    neg_m = np.where(own[:, None], mean[k : 2 * k], mean[2 * k])
+    neg_v = np.where(own[:, None], var[k : 2 * k], var[2 * k])
+    pooled = np.sqrt(0.5 * (pos_v + neg_v)) + 1e-6
+    return (pos_m - neg_m) / pooled, [names[e] for e in env]
 
 
 def environment_kfold(
@@ -136,16 +153,17 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
 
     # -- selection ---------------------------------------------------------------------------
     def _select(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, rng: np.random.Generator):
-        effects, envs = group_effects(X, y, groups)
+        X2 = X * X
+        effects, envs = group_effects(X, y, groups, X2=X2)
         score, sign = invariance_scores(effects, self.quantile)
         votes = np.zeros(X.shape[1])
+        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
         for _ in range(self.n_subsamples):
-            half = np.zeros(len(y), dtype=bool)
-            for g in np.unique(groups):
-                rows = np.flatnonzero(groups == g)
-                half[rng.choice(rows, size=max(1, len(rows) // 2), replace=False)] = True
+            half = np.zeros(len(y))
+            for rows in members:
+                half[rng.choice(rows, size=max(1, len(rows) // 2), replace=False)] = 1.0
             try:
-                sub, _ = group_effects(X[half], y[half], groups[half])
+                sub, _ = group_effects(X, y, groups, weights=half, X2=X2)
             except ValueError:
                 continue
             s, _ = invariance_scores(sub, self.quantile)

@@ -46,7 +46,7 @@ def search_invariant(
     data: LabelledSet,
     *,
     grid: tuple[dict[str, Any], ...] = DEFAULT_GRID,
-    n_splits: int = 4,
+    n_splits: int = 3,
     seed: int = 0,
     base_params: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -81,7 +81,7 @@ def _logreg() -> Pipeline:
 
 def _gbm(seed: int) -> HistGradientBoostingClassifier:
     return HistGradientBoostingClassifier(
-        max_iter=150, learning_rate=0.1, class_weight="balanced", early_stopping=False, random_state=seed
+        max_iter=100, learning_rate=0.1, class_weight="balanced", early_stopping=False, random_state=seed
     )
 
 
