@@ -28,6 +28,7 @@ from benchlib import machine, update_section  # noqa: E402
 
 from routescan.agent import RouteScanAgent, TraceSender, padded_spans  # noqa: E402
 from routescan.corpus.prompts import demo_prompts_path, read_prompts  # noqa: E402
+from routescan.models.batching import pad_batch  # noqa: E402
 from routescan.models.loading import load_tiny  # noqa: E402
 from routescan.telemetry.registry import load_launch_model  # noqa: E402
 
@@ -40,12 +41,8 @@ def main() -> None:
     loaded = load_tiny("mixtral", seed=0)
     texts = [r.text for r in read_prompts(demo_prompts_path())][:8]
     ids = [loaded.encoder.encode(t) for t in texts]
-    width = max(map(len, ids))
-    x = torch.full((len(ids), width), loaded.encoder.pad_id)
-    att = torch.zeros_like(x)
-    for i, s in enumerate(ids):
-        x[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
+    x, att = pad_batch(ids, loaded.encoder.pad_id)
+    width = x.shape[1]
     tmp = Path(tempfile.mkdtemp())
     sock = tmp / "d.sock"
     daemon = subprocess.Popen(

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from routescan.corpus.unified import load_benign, load_harmful, sample  # noqa: E402
+from routescan.models.batching import pad_batch  # noqa: E402
 from routescan.models.loading import load_pretrained  # noqa: E402
 from routescan.models.moefy.convert import _common_prefix  # noqa: E402
 from routescan.models.moefy.modules import MoEfiedMLP  # noqa: E402
@@ -41,14 +42,7 @@ def batches(
     seqs: Sequence[Sequence[int]], size: int, pad: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(seqs), size):
-        chunk = seqs[start : start + size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            att[i, : len(s)] = 1
-        yield ids, att
+        yield pad_batch(seqs[start : start + size], pad)
 
 
 @torch.inference_mode()

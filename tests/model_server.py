@@ -1,6 +1,6 @@
 """A minimal model server with the RouteScan agent inside, for the end-to-end sidecar test.
 
-    python tests/model_server.py PORT        (env: ROUTESCAN_DAEMON, ROUTESCAN_SPOOL)
+    python tests/model_server.py PORT        (env: ROUTESCAN_DAEMON, ROUTESCAN_SPOOL, ROUTESCAN_SIGNAL)
 
 It serves a seeded tiny Mixtral (the model the demo detector reads) behind POST /generate, batching
 concurrent requests into one padded prefill step the way a real server batches, with the agent
@@ -23,11 +23,11 @@ from pydantic import BaseModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from routescan.agent import agent_from_env, padded_spans
+from routescan.models.batching import pad_batch
 from routescan.models.loading import load_tiny
 
 loaded = load_tiny("mixtral", seed=0)
 agent = agent_from_env(loaded.model, model_id=loaded.model_id)
-agent.launch_model = __import__("routescan.telemetry.registry", fromlist=["x"]).load_launch_model("hf-eager")
 pending: list[tuple[str, list[int], Future]] = []
 lock = threading.Condition()
 
@@ -40,12 +40,8 @@ def batcher() -> None:
         time.sleep(0.01)  # let concurrent requests join the step
         with lock:
             batch, pending[:] = pending[:8], pending[8:]
-        width = max(len(ids) for _, ids, _ in batch)
-        input_ids = torch.full((len(batch), width), loaded.encoder.pad_id)
-        attention = torch.zeros_like(input_ids)
-        for i, (_, ids, _) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
+        input_ids, attention = pad_batch([ids for _, ids, _ in batch], loaded.encoder.pad_id)
+        width = input_ids.shape[1]
         spans = padded_spans([r for r, _, _ in batch], [len(ids) for _, ids, _ in batch], width)
         with torch.inference_mode(), agent.step(spans):
             loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=1)

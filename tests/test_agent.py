@@ -17,6 +17,7 @@ import pytest
 from servers import free_port
 
 from routescan.agent import RouteScanAgent, TraceSender, packed_spans, padded_spans
+from routescan.models.batching import pad_batch
 from routescan.telemetry.emulated import EmulatedCollector, Request
 from routescan.telemetry.io import read_traces
 
@@ -37,12 +38,8 @@ def test_batched_step_attribution_is_exact_and_spooled_when_no_daemon(tiny, laun
         loaded.model, sender, model_id=loaded.model_id, launch_model=launch_models["hf-eager"]
     )
     ids = [loaded.encoder.encode(p) for p in PROMPTS[:6]]
-    width = max(map(len, ids))
-    x = torch.full((len(ids), width), loaded.encoder.pad_id)
-    att = torch.zeros_like(x)
-    for i, s in enumerate(ids):
-        x[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
+    x, att = pad_batch(ids, loaded.encoder.pad_id)
+    width = x.shape[1]
     names = [f"r{i}" for i in range(len(ids))]
     with torch.inference_mode(), agent.step(padded_spans(names, [len(s) for s in ids], width)):
         loaded.model(input_ids=x, attention_mask=att, use_cache=False)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from routescan.models.batching import pad_batch
 from routescan.models.loading import LoadedMoE
 from routescan.telemetry.launch import LaunchModel
 from routescan.telemetry.schema import RequestTrace
@@ -117,13 +118,8 @@ class EmulatedCollector:
                     "(raise --max-tokens or shorten the request)"
                 )
             encoded.append(ids)
-        width = max(len(ids) for ids in encoded)
-        pad = self.loaded.encoder.pad_id
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention[i, : len(ids)] = 1
+        input_ids, attention = pad_batch(encoded, self.loaded.encoder.pad_id)
+        width = input_ids.shape[1]
         adapter = self.loaded.adapter
         with torch.inference_mode(), adapter.record() as recorder:
             self.loaded.model(

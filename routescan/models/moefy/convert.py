@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
+from routescan.models.batching import pad_batch
 from routescan.models.moefy.modules import MoEfiedMLP
 from routescan.models.moefy.partition import PARTITIONS, partition_neurons, shared_neurons
 from routescan.models.moefy.spec import MoEDesign, MoefySpec, RouterTraining
@@ -200,13 +201,7 @@ def capture_ffn_inputs(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     try:
         for start in range(0, len(order), batch_size):
-            chunk = [sequences[i] for i in order[start : start + batch_size]]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                attention[row, : len(seq)] = 1
+            ids, attention = pad_batch([sequences[i] for i in order[start : start + batch_size]], pad_id)
             mask = attention.bool()
             if start > 0:
                 mask[:, :prefix] = False
