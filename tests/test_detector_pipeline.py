@@ -170,6 +170,7 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     # the planted tokens make the text baseline near perfect: the harness measures what it should
     assert body["shared"]["tfidf"]["lodo"]["summary"]["mean_auroc"] > 0.9
     assert (report.parent / "figures" / "results-roc-hf-eager.png").stat().st_size > 1000
+    assert (report.parent / "figures" / "results-scores-hf-eager.png").stat().st_size > 1000
     text = report.read_text()
     assert "leave-one-domain-out" in text and "QQX" not in text
 

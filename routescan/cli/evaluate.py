@@ -118,7 +118,9 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed) -> 
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_markdown(results, title=title, preamble=preamble), encoding="utf-8")
-    write_json({k: v for k, v in results.items() if k != "curves"}, out.with_suffix(".json"))
+    write_json(
+        {k: v for k, v in results.items() if k not in ("curves", "distributions")}, out.with_suffix(".json")
+    )
     console.print(f"wrote {out}, {out.with_suffix('.json')} and {len(figures)} figure(s)")
     summary = {
         src: {m: round(e["lodo"]["summary"]["mean_auroc"], 4) for m, e in by_m.items()}

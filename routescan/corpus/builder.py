@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from routescan.config import load_yaml
 from routescan.corpus.raw import load_raw
 from routescan.corpus.unified import CorpusRow, load_benign, load_harmful
+from routescan.telemetry.schema import TRACE_ID_PATTERN
 
 # The DAN-like families share ancestors (AutoDAN mutates DAN prompts, GPTFuzzer seeds come from the
 # same forums): holding one out while training on another would leak, so they are one super-family.
@@ -117,6 +118,8 @@ def load_wrappers(corpora: str | Path) -> list[Wrapper]:
 
 
 _TOKEN = re.compile(r"[^A-Za-z0-9._:/+\-]")
+_ID = re.compile(r"[^A-Za-z0-9._:\-]")
+TRACE_ID = re.compile(TRACE_ID_PATTERN)
 
 
 def token(value: str) -> str:
@@ -252,7 +255,7 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
             w = templates[i % len(templates)] if len(templates) <= len(bases) else rng.choice(templates)
             examples.append(
                 Example(
-                    f"w-{token(fam)}-{base.id}-{token(w.id)}"[:128],
+                    _ID.sub("_", f"w-{token(fam)}-{base.id}-{token(w.id)}"[:128]),
                     w.wrap(base.text),
                     base.label,
                     base.domain,
@@ -262,6 +265,9 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
                     wrapper=w.id,
                 )
             )
+    bad = [e.id for e in examples if not TRACE_ID.match(e.id)]
+    if bad:  # caught here, not after an hour of collection
+        raise ValueError(f"corpus ids that traces cannot carry: {bad[:3]}; report this as a bug")
     ids = Counter(e.id for e in examples)
     dupes = [i for i, n in ids.items() if n > 1]
     if dupes:

@@ -36,9 +36,14 @@ def _aggregate(per_fold: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _percentiles(scores: np.ndarray, benign: np.ndarray) -> np.ndarray:
+    """Each score's rank among benign scores, 0..1 (0.99 = above 99% of benign requests)."""
+    return np.searchsorted(np.sort(benign), scores, side="left") / max(len(benign), 1)
+
+
 def hard_negative_rates(
     name: str, data: LabelledSet, texts: Mapping[str, str] | None, seed: int
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
     """False-positive rate on hard negatives (never trained on) at thresholds set, like a deployed
     detector's, from out-of-fold benign scores at 1% and 5% FPR."""
     usable = np.flatnonzero(~data.hard_negative)
@@ -60,7 +65,7 @@ def hard_negative_rates(
         tag = f"{round(target * 100)}%"
         out[f"hard_negative_fpr@{tag}"] = float((hard_scores > thr).mean()) if len(hard) else float("nan")
         out[f"harmful_tpr@{tag}"] = float((oof[train.y == 1] > thr).mean())
-    return out
+    return out, _percentiles(hard_scores, benign_oof)
 
 
 def evaluate(
@@ -79,6 +84,7 @@ def evaluate(
     """
     results: dict[str, Any] = {"sources": {}, "shared": {}}
     curves: dict[str, Any] = {}
+    dists: dict[str, dict[str, list[float]]] = {}
     first = next(iter(sources))
     for source, data in sources.items():
         folds: list[Fold] = lodo_folds(data, seed=seed) + family_folds(data)
@@ -103,17 +109,23 @@ def evaluate(
                 curves.setdefault(source if name not in text_methods else "shared", {}).setdefault(
                     name, {}
                 ).setdefault(fold.protocol, []).append(_roc(test.y, scores))
+                if name == "invariant":
+                    pct = _percentiles(scores[test.y == 1], scores[test.y == 0])
+                    dists.setdefault(source, {}).setdefault(fold.protocol, []).extend(pct.tolist())
             for p in PROTOCOLS:
                 entry[p]["summary"] = _aggregate(entry[p]["folds"])
             if progress:
                 progress(f"{source} / {name} / hard negatives")
-            entry["hard_negatives"] = hard_negative_rates(name, data, texts, seed)
+            entry["hard_negatives"], hard_pct = hard_negative_rates(name, data, texts, seed)
+            if name == "invariant":
+                dists.setdefault(source, {})["hard negatives"] = hard_pct.tolist()
             entry["fit_notes"] = notes
             where[name] = entry
     results["curves"] = {
         src: {m: {p: np.mean(c, axis=0).tolist() for p, c in by_p.items()} for m, by_p in by_m.items()}
         for src, by_m in curves.items()
     }
+    results["distributions"] = dists
     return results
 
 
@@ -213,6 +225,29 @@ def write_figures(results: dict[str, Any], out_dir: Path, prefix: str) -> list[P
             ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out_dir / f"{prefix}-roc-{source}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    for source, by_set in results.get("distributions", {}).items():
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        bins = np.linspace(0, 1, 41)
+        for label, values in by_set.items():
+            if values:
+                ax.hist(
+                    values,
+                    bins=bins,
+                    histtype="step",
+                    density=True,
+                    linewidth=1.5,
+                    label=f"{PROTOCOLS.get(label, label)} ({len(values)})",
+                )
+        ax.axvline(0.99, color="grey", linestyle=":", label="1% FPR")
+        ax.set_xlabel("score rank among held-out benign requests (invariant detector)")
+        ax.set_ylabel("density")
+        ax.set_title(f"{source}: held-out harmful requests and hard negatives", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        path = out_dir / f"{prefix}-scores-{source}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
