@@ -46,6 +46,7 @@ def _train(traces: Path, out: Path, detector_id: str | None, version: str, op: s
     from routescan.detector.artifact import Detector, DetectorCard
     from routescan.detector.dataset import LabelledSet
     from routescan.detector.methods import fit_invariant
+    from routescan.detector.metrics import auroc
     from routescan.detector.train import operating_points
     from routescan.telemetry.io import read_traces
 
@@ -73,7 +74,7 @@ def _train(traces: Path, out: Path, detector_id: str | None, version: str, op: s
             "search": found.table,
             "seed": seed,
         },
-        metrics={"out_of_fold_auroc": _oof_auroc(data.y, clf.oof_proba_)},
+        metrics={"out_of_fold_auroc": auroc(data.y, clf.oof_proba_)},
     )
     Detector(clf, card).save(out)
     summary = {
@@ -86,9 +87,3 @@ def _train(traces: Path, out: Path, detector_id: str | None, version: str, op: s
     }
     console.print(f"wrote {out}")
     typer.echo(json.dumps(summary))
-
-
-def _oof_auroc(y, p) -> float:
-    from routescan.detector.metrics import auroc
-
-    return auroc(y, p)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -427,8 +428,6 @@ def moefy_model(
 
     ``sequences`` are the tokenised calibration prompts.
     """
-    import time
-
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     activation = activation_name(model.config)
