@@ -80,8 +80,14 @@ def _logreg() -> Pipeline:
 
 
 def _gbm(seed: int) -> HistGradientBoostingClassifier:
+    # sized for ~1,000 features x ~7,000 rows on one core (the report refits it for every held-out
+    # group): coarse bins, no sample weights (AUROC is rank-based; weighting only slows the histograms)
     return HistGradientBoostingClassifier(
-        max_iter=100, learning_rate=0.1, class_weight="balanced", early_stopping=False, random_state=seed
+        max_iter=60,
+        learning_rate=0.15,
+        max_bins=32,
+        early_stopping=False,
+        random_state=seed,
     )
 
 
