@@ -111,6 +111,7 @@ def test_sidecar_end_to_end_with_a_daemon_restart(tmp_path: Path) -> None:
         **os.environ,
         "ROUTESCAN_DAEMON": f"unix://{sock}",
         "ROUTESCAN_SPOOL": str(tmp_path / "spool.jsonl"),
+        "ROUTESCAN_SIGNAL": "hf-eager",  # the demo detector reads hf-eager traces
     }
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "model_server.py"), str(port)],
