@@ -28,9 +28,12 @@ from routescan.detector.invariant import InvariantRiskClassifier
 from routescan.detector.metrics import auroc
 from routescan.detector.protocols import environment_splits
 
-# Small on purpose: every point costs one fit per inner split, per outer fold.
+# Small on purpose: every point costs one fit per inner split, per outer fold. NO_SELECTION keeps
+# every feature (the estimator is then a group-balanced logistic regression): the inner
+# leave-one-environment-out splits decide whether dropping unstable features pays on this data.
+NO_SELECTION = -1e9
 DEFAULT_GRID: tuple[dict[str, Any], ...] = tuple(
-    {"min_effect": m, "C": c} for m in (0.15, 0.35) for c in (0.03, 0.3)
+    {"min_effect": m, "C": c} for m in (NO_SELECTION, 0.1, 0.3) for c in (0.03, 0.3)
 )
 
 Scorer = Callable[[LabelledSet], np.ndarray]
