@@ -62,7 +62,9 @@ def corpora(tmp_path_factory) -> Path:
     with (root / "wrappers.jsonl").open("w") as fh:
         for i, fam in enumerate(["autodan", "in_the_wild", "prefix_injection", "style_injection"]):
             fh.write(
-                json.dumps({"id": f"src/t{i}+v", "family": fam, "template": f"{{braces}} {fam} says: {{query}} ok"})
+                json.dumps(
+                    {"id": f"src/t{i}+v", "family": fam, "template": f"{{braces}} {fam} says: {{query}} ok"}
+                )
                 + "\n"
             )
     return root
