@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
-from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 
 def group_effects(
@@ -204,7 +204,6 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
         return w, b, idx, score, freq, sign, envs
 
     def fit(self, X, y, groups=None) -> InvariantRiskClassifier:
-        X, y = check_X_y(X, y, dtype=np.float64)
         X, y = validate_data(self, X, y, dtype=np.float64, reset=True)
         self.classes_ = np.unique(y)
         if list(self.classes_) != [0, 1]:

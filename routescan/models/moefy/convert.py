@@ -333,6 +333,7 @@ def convert_layer(
 
     kinds = PARTITIONS if design.partition == "auto" else (design.partition,)
     candidates: dict[str, list[torch.Tensor]] = {}
+    oracles: dict[str, torch.Tensor] = {}
     oracle_error: dict[str, float] = {}
     for kind in kinds:
         experts = partition_neurons(
@@ -340,6 +341,7 @@ def convert_layer(
         )
         oracle = torch.topk(expert_contributions(a_val, ffn.down, experts), design.top_k, dim=-1).indices
         candidates[kind] = experts
+        oracles[kind] = oracle
         oracle_error[kind] = selection_error(a_val, ffn.down, experts, shared, oracle)
     kind = min(oracle_error, key=oracle_error.__getitem__)
     experts = candidates[kind]
@@ -356,7 +358,7 @@ def convert_layer(
 
     with torch.no_grad():
         chosen = block.router(x_val)[2]
-    oracle = torch.topk(expert_contributions(a_val, ffn.down, experts), design.top_k, dim=-1).indices
+    oracle = oracles[kind]
     recall = (chosen.unsqueeze(-1) == oracle.unsqueeze(-2)).any(dim=-1).float().mean()
     counts = torch.bincount(chosen.flatten(), minlength=design.num_experts).double()
     report = LayerReport(

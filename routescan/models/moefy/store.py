@@ -76,9 +76,10 @@ def load_moefied(
         raise ValueError(f"{path}: {WEIGHTS} is missing (an interrupted save?); rerun routescan moefy")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_moe(model, meta)
-    missing, unexpected = load_model(model, str(weights), strict=True)
-    if missing or unexpected:  # strict=True raises first; kept for clarity if that ever changes
-        raise ValueError(f"{path}: weights do not match the model: {missing or unexpected}")
+    try:
+        load_model(model, str(weights), strict=True)
+    except RuntimeError as exc:  # safetensors reports missing / unexpected tensors this way
+        raise ValueError(f"{path}: weights do not match the model: {exc}") from None
     for module in model.modules():
         if isinstance(module, MoEfiedExperts):
             module.implementation = experts_implementation
