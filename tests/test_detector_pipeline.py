@@ -169,6 +169,14 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     lodo = body["sources"]["hf-eager"]["invariant"]["lodo"]
     assert set(lodo["folds"]) == {"alpha", "beta", "gamma"}
     assert set(body["shared"]) == {"length", "tfidf"}
+    assert set(body["sources"]["vllm-fused-moe"]) == {"invariant", "logreg", "gbm", "volume"}
+    # vLLM's fused kernel launches per layer, never per expert: the fingerprint is empty there and
+    # only the launch volume (a function of prompt length) is left to read
+    vllm_lodo = body["sources"]["vllm-fused-moe"]["invariant"]["lodo"]["summary"]["mean_auroc"]
+    assert vllm_lodo == pytest.approx(0.5)
+    vol = body["sources"]["vllm-fused-moe"]["volume"]["lodo"]["summary"]["mean_auroc"]
+    length = body["shared"]["length"]["lodo"]["summary"]["mean_auroc"]
+    assert abs(vol - length) < 0.1
     # the planted tokens make the text baseline near perfect: the harness measures what it should
     assert body["shared"]["tfidf"]["lodo"]["summary"]["mean_auroc"] > 0.9
     assert (report.parent / "figures" / "results-roc-hf-eager.png").stat().st_size > 1000

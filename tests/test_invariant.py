@@ -56,6 +56,18 @@ def test_generalises_to_a_domain_that_reverses_the_shortcut_where_plain_lr_fails
     assert ours_auc > plain_auc + 0.2
 
 
+def test_no_selection_keeps_every_feature_and_loses_the_invariance() -> None:
+    # min_effect=None is the grid's "no selection" point: a group-balanced regression on everything,
+    # which the inner search must be able to pick and which falls for the shortcut like plain LR
+    X, y, g = domains(TRAIN, SIZES, 800, seed=0)
+    Xt, yt, _ = domains({"new": -2.0}, {"new": 200}, 400, seed=1)
+    every = InvariantRiskClassifier(min_effect=None, calibrate=False).fit(X, y, groups=g)
+    chosen = InvariantRiskClassifier(calibrate=False).fit(X, y, groups=g)
+    assert list(every.selected_) == list(range(X.shape[1]))
+    assert np.all(every.selection_frequency_ == 1.0)
+    assert auroc(yt, every.decision_function(Xt)) < auroc(yt, chosen.decision_function(Xt)) - 0.2
+
+
 def test_calibrated_probabilities_and_linear_form() -> None:
     X, y, g = domains(TRAIN, SIZES, 800, seed=0)
     clf = InvariantRiskClassifier().fit(X, y, groups=g)

@@ -122,12 +122,9 @@ class RouteScanAgent:
         if not spans or not buffer:
             return
         selections = {layer: torch.cat(calls).to("cpu") for layer, calls in buffer.items()}
+        widths = {layer.layer: layer.num_experts for layer in self.adapter.layers}
         for span in spans:
-            counts = {}
-            for layer in self.adapter.layers:
-                rows = selections[layer.layer][span.start : span.start + span.length]
-                counts[layer.layer] = torch.bincount(rows.reshape(-1), minlength=layer.num_experts).tolist()
-            routing = RoutingCounts(tokens=span.length, counts=counts)
+            routing = RoutingCounts.from_selections(selections, span.start, span.length, widths)
             self.sender.submit(self._builder(span, routing))
 
     def _builder(self, span: Span, routing: RoutingCounts):

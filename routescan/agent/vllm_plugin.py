@@ -80,6 +80,7 @@ class _VllmAgent:
         from vllm.model_executor.layers.fused_moe import FusedMoE  # type: ignore[import-not-found]
 
         from routescan.agent import sender_from_env
+        from routescan.telemetry.emulated import LayerShape
         from routescan.telemetry.registry import load_launch_model
 
         self.layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
@@ -88,6 +89,24 @@ class _VllmAgent:
         self.sender = sender_from_env()
         self.launch_model = load_launch_model(os.environ.get("ROUTESCAN_SIGNAL", "router"))
         self.model_id = model_id
+        # vLLM's FusedMoE layers are numbered in module order; their widths are fixed at load time
+        self.shapes = [
+            LayerShape(
+                index,
+                layer.global_num_experts,
+                layer.top_k,
+                {
+                    "E": layer.global_num_experts,
+                    "K": layer.top_k,
+                    "H": layer.hidden_size,
+                    "I": layer.intermediate_size_per_partition,
+                    "SI": 0,
+                    "G": 2,
+                },
+            )
+            for index, layer in enumerate(self.layers)
+        ]
+        self.widths = {shape.layer: shape.num_experts for shape in self.shapes}
         self.buffer: dict[int, list] | None = None
         for index, layer in enumerate(self.layers):
             router = getattr(layer, "router", None)
@@ -124,40 +143,20 @@ class _VllmAgent:
     def _emit(self, buffer: dict[int, list], spans: list) -> None:
         import torch
 
-        from routescan.telemetry.emulated import RoutingCounts
-        from routescan.telemetry.schema import RequestTrace, Unit
+        from routescan.telemetry.emulated import RoutingCounts, trace_from_routing
 
         ids = {i: torch.cat(v).cpu() for i, v in buffer.items()}
         for span in spans:
-            counts = {}
-            for i, layer in enumerate(self.layers):
-                rows = ids[i][span.start : span.start + span.length]
-                counts[i] = torch.bincount(rows.reshape(-1), minlength=layer.global_num_experts).tolist()
-            routing = RoutingCounts(tokens=span.length, counts=counts)
+            routing = RoutingCounts.from_selections(ids, span.start, span.length, self.widths)
 
             def build(span=span, routing=routing):
-                launches = []
-                for i, layer in enumerate(self.layers):
-                    dims = {
-                        "E": layer.global_num_experts,
-                        "K": layer.top_k,
-                        "H": layer.hidden_size,
-                        "I": layer.intermediate_size_per_partition,
-                        "SI": 0,
-                        "G": 2,
-                    }
-                    launches += self.launch_model.layer_launches(i, dims, routing.counts[i], routing.tokens)
-                return RequestTrace(
+                return trace_from_routing(
+                    self.model_id,
+                    self.shapes,
+                    self.launch_model,
+                    routing,
                     trace_id=span.request_id,
-                    model_id=self.model_id,
                     collector="vllm-agent",
-                    launch_model=self.launch_model.name,
-                    unit=Unit(self.launch_model.unit),
-                    layers=list(range(len(self.layers))),
-                    experts_per_layer=[layer.global_num_experts for layer in self.layers],
-                    top_k=[layer.top_k for layer in self.layers],
-                    prompt_tokens=routing.tokens,
-                    launches=launches,
                 )
 
             self.sender.submit(build)

@@ -36,8 +36,12 @@ def evaluate(
         "../shared/corpora"
     ),
     methods: Annotated[
-        str, typer.Option(help="Telemetry methods, comma-separated: invariant, logreg, gbm.")
-    ] = "invariant,logreg,gbm",
+        str,
+        typer.Option(
+            help="Telemetry methods, comma-separated: invariant, logreg, gbm, volume (total prefill "
+            "threads only: what any launch observer sees, the floor the fingerprint must beat)."
+        ),
+    ] = "invariant,logreg,gbm,volume",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for AUROC intervals.")] = 1000,
     title: Annotated[str, typer.Option(help="Report title.")] = "Detection results",
     seed: Annotated[int, typer.Option()] = 0,
@@ -60,10 +64,17 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed) -> 
     import numpy as np
 
     from routescan.detector.dataset import LabelledSet
+    from routescan.detector.methods import TELEMETRY_METHODS
     from routescan.detector.report import evaluate as run
     from routescan.detector.report import render_markdown, write_figures, write_json
     from routescan.telemetry.io import read_traces
 
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(TELEMETRY_METHODS))
+    if unknown or not chosen:
+        raise ValueError(
+            f"unknown telemetry method(s) {unknown or methods!r}; choose from {', '.join(TELEMETRY_METHODS)}"
+        )
     sources: dict[str, LabelledSet] = {}
     for path in traces:
         data = LabelledSet.from_traces(read_traces(path))
@@ -94,7 +105,7 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed) -> 
     results = run(
         sources,
         texts=texts,
-        methods=[m for m in methods.split(",") if m],
+        methods=chosen,
         n_boot=bootstrap,
         seed=seed,
         progress=progress,

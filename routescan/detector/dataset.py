@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from routescan.features.fingerprint import FingerprintSpec
-from routescan.telemetry.schema import RequestTrace
+from routescan.telemetry.schema import Phase, RequestTrace
 
 PLAIN = "none"
 BENIGN_GROUP = "benign"
@@ -30,6 +30,9 @@ class LabelledSet:
     base: np.ndarray
     hard_negative: np.ndarray
     prompt_tokens: np.ndarray
+    # every prefill thread the trace launched, per-layer launches included: what an observer who
+    # cannot attribute launches to experts still sees (for vLLM's fused MoE, a function of length)
+    launched: np.ndarray
 
     def __len__(self) -> int:
         return len(self.y)
@@ -50,7 +53,17 @@ class LabelledSet:
             self.spec,
             *(
                 getattr(self, f)[idx]
-                for f in ("ids", "X", "y", "domain", "family", "base", "hard_negative", "prompt_tokens")
+                for f in (
+                    "ids",
+                    "X",
+                    "y",
+                    "domain",
+                    "family",
+                    "base",
+                    "hard_negative",
+                    "prompt_tokens",
+                    "launched",
+                )
             ),
         )
 
@@ -83,4 +96,8 @@ class LabelledSet:
             base=np.array([str(t.labels.get("base", t.trace_id)) for t in traces]),
             hard_negative=col("hard_negative", 0) == "1",
             prompt_tokens=np.array([t.prompt_tokens for t in traces], dtype=np.float64),
+            launched=np.array(
+                [sum(x.threads for x in t.launches if x.phase == Phase.prefill) for t in traces],
+                dtype=np.float64,
+            ),
         )

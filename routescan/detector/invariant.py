@@ -114,7 +114,8 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
 
     Parameters
     ----------
-    min_effect : keep features whose low-quantile aligned effect is at least this (Cohen's d units).
+    min_effect : keep features whose low-quantile aligned effect is at least this (Cohen's d units);
+        None keeps every feature (a group-balanced logistic regression) and skips the subsamples.
     quantile : which quantile of the per-environment aligned effects scores a feature (0 = worst).
     stability : share of half-subsamples in which a feature must be kept.
     n_subsamples : number of half-subsamples for stability selection.
@@ -129,7 +130,7 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(
         self,
-        min_effect: float = 0.2,
+        min_effect: float | None = 0.2,
         quantile: float = 0.1,
         stability: float = 0.6,
         n_subsamples: int = 20,
@@ -156,6 +157,23 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
         X2 = X * X
         effects, envs = group_effects(X, y, groups, X2=X2)
         score, sign = invariance_scores(effects, self.quantile)
+        if self.min_effect is None:
+            # no selection: stability votes could not change the outcome, so they are not paid for
+            freq = np.ones(X.shape[1])
+            keep = np.ones(X.shape[1], dtype=bool)
+        else:
+            freq = self._stability(X, X2, y, groups, rng)
+            keep = (score >= self.min_effect) & (freq >= self.stability)
+        if not keep.any():
+            # nothing clears the bar: fall back to the single most invariant feature rather than fail
+            keep[np.argmax(score)] = True
+        idx = np.flatnonzero(keep)
+        if self.max_features is not None and idx.size > self.max_features:
+            idx = idx[np.argsort(-score[idx])[: self.max_features]]
+        return np.sort(idx), score, freq, sign, envs
+
+    def _stability(self, X, X2, y, groups, rng: np.random.Generator) -> np.ndarray:
+        """Share of stratified half-subsamples in which each feature clears ``min_effect``."""
         votes = np.zeros(X.shape[1])
         members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
         for _ in range(self.n_subsamples):
@@ -168,15 +186,7 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
                 continue
             s, _ = invariance_scores(sub, self.quantile)
             votes += s >= self.min_effect
-        freq = votes / max(self.n_subsamples, 1)
-        keep = (score >= self.min_effect) & (freq >= self.stability)
-        if not keep.any():
-            # nothing clears the bar: fall back to the single most invariant feature rather than fail
-            keep[np.argmax(score)] = True
-        idx = np.flatnonzero(keep)
-        if self.max_features is not None and idx.size > self.max_features:
-            idx = idx[np.argsort(-score[idx])[: self.max_features]]
-        return np.sort(idx), score, freq, sign, envs
+        return votes / max(self.n_subsamples, 1)
 
     def _weights(self, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
         w = np.ones(len(y))

@@ -31,7 +31,7 @@ from routescan.detector.protocols import environment_splits
 # Small on purpose: every point costs one fit per inner split, per outer fold. NO_SELECTION keeps
 # every feature (the estimator is then a group-balanced logistic regression): the inner
 # leave-one-environment-out splits decide whether dropping unstable features pays on this data.
-NO_SELECTION = -1e9
+NO_SELECTION = None
 DEFAULT_GRID: tuple[dict[str, Any], ...] = tuple(
     {"min_effect": m, "C": c} for m in (NO_SELECTION, 0.1, 0.3) for c in (0.03, 0.3)
 )
@@ -108,6 +108,9 @@ def train_method(
     if name == "gbm":
         gbm = _gbm(seed).fit(data.X, data.y)
         return (lambda d: gbm.predict_proba(d.X)[:, 1]), {}
+    if name == "volume":
+        vol = LogisticRegression(class_weight="balanced").fit(np.log1p(data.launched)[:, None], data.y)
+        return (lambda d: vol.decision_function(np.log1p(d.launched)[:, None])), {}
     if name == "length":
         lr = LogisticRegression(class_weight="balanced").fit(np.log(data.prompt_tokens)[:, None], data.y)
         return (lambda d: lr.decision_function(np.log(d.prompt_tokens)[:, None])), {}
@@ -123,5 +126,6 @@ def train_method(
     raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
 
 
-METHODS = ("invariant", "logreg", "gbm", "length", "tfidf")
-TELEMETRY_METHODS = ("invariant", "logreg", "gbm")
+METHODS = ("invariant", "logreg", "gbm", "volume", "length", "tfidf")
+# "volume" reads only the trace's total prefill threads: the floor any launch observer reaches
+TELEMETRY_METHODS = ("invariant", "logreg", "gbm", "volume")

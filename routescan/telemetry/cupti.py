@@ -157,6 +157,11 @@ class CuptiCollector:
         self._request: str | None = None
         self._hit: dict[int, tuple[int, ...]] = {}
 
+    def _enter(self, module: torch.nn.Module, tag: RegionTag) -> None:
+        # kept on the module so its forward hook (``post``) closes exactly the region it opened
+        module._routescan_region = self.session.region(tag)
+        module._routescan_region.__enter__()
+
     def _hooks(self, adapter: MoEAdapter) -> list[Any]:
         handles = []
         for layer in adapter.layers:
@@ -172,9 +177,10 @@ class CuptiCollector:
                     )
                     module._routescan_region = None
                     return
-                tag = RegionTag(self._request or "", layer, None, Region.expert, self._hit.get(layer, ()))
-                module._routescan_region = self.session.region(tag)
-                module._routescan_region.__enter__()
+                self._enter(
+                    module,
+                    RegionTag(self._request or "", layer, None, Region.expert, self._hit.get(layer, ())),
+                )
 
             def post(module, args, output):
                 region = getattr(module, "_routescan_region", None)
@@ -188,9 +194,7 @@ class CuptiCollector:
             if layer.shared is not None:
 
                 def shared_pre(module, args, layer=layer.layer):
-                    tag = RegionTag(self._request or "", layer, None, Region.shared)
-                    module._routescan_region = self.session.region(tag)
-                    module._routescan_region.__enter__()
+                    self._enter(module, RegionTag(self._request or "", layer, None, Region.shared))
 
                 handles.append(layer.shared.register_forward_pre_hook(shared_pre))
                 handles.append(layer.shared.register_forward_hook(post))

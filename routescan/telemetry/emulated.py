@@ -8,7 +8,7 @@ aggregates are kept: counts per (layer, expert), never which token went where.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,68 @@ class RoutingCounts:
     tokens: int
     counts: dict[int, list[int]]
 
+    @classmethod
+    def from_selections(
+        cls, selections: Mapping[int, torch.Tensor], start: int, length: int, num_experts: Mapping[int, int]
+    ) -> RoutingCounts:
+        """Count rows ``[start, start + length)`` of each layer's ``[tokens, top_k]`` selected-expert ids
+        (one request's slice of a batched step) into per-expert routed pairs."""
+        counts = {}
+        for layer, ids in selections.items():
+            rows = ids[start : start + length].reshape(-1)
+            counts[layer] = torch.bincount(rows, minlength=num_experts[layer]).tolist()
+        return cls(tokens=length, counts=counts)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a launch model needs to know about one MoE layer: its id, width and formula variables."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    dims: dict[str, int]
+
+
+def layer_shapes(loaded: LoadedMoE) -> list[LayerShape]:
+    return [LayerShape(x.layer, x.num_experts, x.top_k, x.dims()) for x in loaded.adapter.layers]
+
+
+def trace_from_routing(
+    model_id: str,
+    shapes: Sequence[LayerShape],
+    launch_model: LaunchModel,
+    routing: RoutingCounts,
+    *,
+    trace_id: str,
+    collector: str,
+    row: int | None = None,
+    labels: dict[str, Any] | None = None,
+    experts_implementation: str | None = None,
+) -> RequestTrace:
+    """A trace from routing counts through a launch model: the one place every router-level
+    collector (emulated, in-process agent, vLLM plugin) turns counts into launches."""
+    launches = []
+    for shape in shapes:
+        launches.extend(
+            launch_model.layer_launches(shape.layer, shape.dims, routing.counts[shape.layer], routing.tokens)
+        )
+    return RequestTrace(
+        trace_id=trace_id,
+        model_id=model_id,
+        collector=collector,
+        launch_model=launch_model.name,
+        unit=launch_model.unit,
+        layers=[shape.layer for shape in shapes],
+        experts_per_layer=[shape.num_experts for shape in shapes],
+        top_k=[shape.top_k for shape in shapes],
+        prompt_tokens=routing.tokens,
+        launches=launches,
+        row=row,
+        labels=labels or {},
+        experts_implementation=experts_implementation,
+    )
+
 
 def build_trace(
     loaded: LoadedMoE,
@@ -52,29 +114,17 @@ def build_trace(
     row: int | None = None,
     labels: dict[str, Any] | None = None,
 ) -> RequestTrace:
-    """A trace from routing counts through a launch model (shared by every router-level collector)."""
-    launches = []
-    for layer in loaded.adapter.layers:
-        launches.extend(
-            launch_model.layer_launches(
-                layer.layer, layer.dims(), routing.counts[layer.layer], routing.tokens
-            )
-        )
-    adapter = loaded.adapter
-    return RequestTrace(
+    """:func:`trace_from_routing` for a model loaded here (its adapter knows the layer shapes)."""
+    return trace_from_routing(
+        loaded.model_id,
+        layer_shapes(loaded),
+        launch_model,
+        routing,
         trace_id=trace_id,
-        model_id=loaded.model_id,
         collector=collector,
-        launch_model=launch_model.name,
-        unit=launch_model.unit,
-        layers=[layer.layer for layer in adapter.layers],
-        experts_per_layer=[layer.num_experts for layer in adapter.layers],
-        top_k=[layer.top_k for layer in adapter.layers],
-        prompt_tokens=routing.tokens,
-        launches=launches,
         row=row,
-        labels=labels or {},
-        experts_implementation=adapter.experts_implementation,
+        labels=labels,
+        experts_implementation=loaded.adapter.experts_implementation,
     )
 
 
