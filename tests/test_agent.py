@@ -54,6 +54,48 @@ def test_batched_step_attribution_is_exact_and_spooled_when_no_daemon(tiny, laun
         assert spooled[req.trace_id].expert_threads() == traces["hf-eager"].expert_threads()
 
 
+def test_a_down_daemon_costs_a_probe_not_a_spool_rewrite(tiny, launch_models, tmp_path) -> None:
+    """While the daemon is away the backlog is neither read nor rewritten on every retry (that stalled
+    the serving thread for ~200 ms per retry once the spool held a few thousand traces), and nothing
+    is lost or reordered: the interrupted backlog stays ahead of what is spooled later."""
+    import torch
+
+    loaded = tiny("mixtral")
+    spool = tmp_path / "spool.jsonl"
+    first = TraceSender(f"unix://{tmp_path}/nobody.sock", spool=spool, retry_interval_s=60)
+    agent = RouteScanAgent(
+        loaded.model, first, model_id=loaded.model_id, launch_model=launch_models["hf-eager"]
+    )
+    ids = [loaded.encoder.encode(p) for p in PROMPTS[:4]]
+    x, att = pad_batch(ids, loaded.encoder.pad_id)
+
+    def step(names: list[str]) -> None:
+        with torch.inference_mode(), agent.step(padded_spans(names, [len(s) for s in ids], x.shape[1])):
+            loaded.model(input_ids=x, attention_mask=att, use_cache=False)
+
+    step(["a0", "a1", "a2", "a3"])
+    first.close()
+    agent.close()
+    backlog = spool.read_bytes()
+
+    second = TraceSender(f"unix://{tmp_path}/nobody.sock", spool=spool, retry_interval_s=0.01)
+    agent = RouteScanAgent(
+        loaded.model, second, model_id=loaded.model_id, launch_model=launch_models["hf-eager"]
+    )
+    deadline = time.monotonic() + 10
+    replaying = tmp_path / "spool.replaying.jsonl"
+    while not replaying.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    step(["b0", "b1", "b2", "b3"])
+    time.sleep(0.3)  # dozens of retry intervals
+    second.close()
+    agent.close()
+    assert replaying.read_bytes() == backlog  # untouched by the failed retries
+    assert second.pending_spool() == 8
+    order = [t.trace_id for t in read_traces(replaying)] + [t.trace_id for t in read_traces(spool)]
+    assert order == ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"]
+
+
 def test_packed_spans() -> None:
     spans = packed_spans(["a", "b", "c"], [3, 0, 5])
     assert [(s.start, s.length) for s in spans] == [(0, 3), (3, 0), (3, 5)]
