@@ -12,6 +12,7 @@ duplicates are visible.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import threading
@@ -39,6 +40,14 @@ class SenderCounters:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _client(target: str, token: str | None, timeout: float) -> tuple[httpx.Client, str]:
@@ -210,15 +219,18 @@ class TraceSender:
         with replaying.open(encoding="utf-8") as fh:
             lines = (line for line in fh if line.strip())
             while chunk := list(itertools.islice(lines, self.batch_max)):
-                status = self._post([line.strip() for line in chunk])
+                whole = [line.strip() for line in chunk if _is_json(line)]
+                # a line torn by a crash mid-append would make the daemon refuse its whole batch
+                self.counters.rejected += len(chunk) - len(whole)
+                status = self._post(whole) if whole else "ok"
                 if status == "down":
                     self._down_until = time.monotonic() + self.retry_interval_s
                     rest = chunk + list(lines)
                     break
                 if status == "ok":
-                    self.counters.replayed += len(chunk)
+                    self.counters.replayed += len(whole)
                 else:
-                    self.counters.rejected += len(chunk)
+                    self.counters.rejected += len(whole)
                 delivered += len(chunk)
         if not rest:
             replaying.unlink()

@@ -8,7 +8,7 @@ text is involved.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -49,23 +49,8 @@ class LabelledSet:
         return env.astype(str)
 
     def subset(self, idx: np.ndarray) -> LabelledSet:
-        return LabelledSet(
-            self.spec,
-            *(
-                getattr(self, f)[idx]
-                for f in (
-                    "ids",
-                    "X",
-                    "y",
-                    "domain",
-                    "family",
-                    "base",
-                    "hard_negative",
-                    "prompt_tokens",
-                    "launched",
-                )
-            ),
-        )
+        rows = {f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "spec"}
+        return LabelledSet(spec=self.spec, **rows)
 
     @classmethod
     def from_traces(cls, traces: Iterable[RequestTrace], spec: FingerprintSpec | None = None) -> LabelledSet:
