@@ -171,3 +171,22 @@ def test_aggregated_trace_keeps_the_fingerprint(tiny, launch_models) -> None:
     spec = FingerprintSpec.from_trace(full)
     assert (spec.transform(small) == spec.transform(full)).all()
     assert type(small).model_validate_json(small.model_dump_json()) == small  # still a valid trace
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])  # with and without a shared expert
+def test_aggregating_at_the_source_equals_aggregating_after(tiny, launch_models, model_type) -> None:
+    """The collector and the agent sum launches while building (no per-kernel objects); that must be
+    exactly the trace that ``aggregated()`` makes from the per-kernel one, for every launch model."""
+    from routescan.telemetry.emulated import EmulatedCollector, Request
+
+    loaded = tiny(model_type)
+    requests = [Request("a", "hello there"), Request("b", "a longer request about many things " * 4)]
+    models = list(launch_models.values())
+    full = list(EmulatedCollector(loaded, models).collect(requests))
+    summed = list(EmulatedCollector(loaded, models, aggregate=True).collect(requests))
+    for (_, per_kernel), (_, at_source) in zip(full, summed, strict=True):
+        for name, trace in per_kernel.items():
+            after = trace.aggregated()
+            key = lambda x: (x.layer, -1 if x.expert is None else x.expert, x.region.value)  # noqa: E731
+            assert sorted(at_source[name].launches, key=key) == sorted(after.launches, key=key)
+            assert at_source[name].model_copy(update={"launches": after.launches}) == after

@@ -157,6 +157,7 @@ class _VllmAgent:
                     routing,
                     trace_id=span.request_id,
                     collector="vllm-agent",
+                    aggregate=True,
                 )
 
             self.sender.submit(build)

@@ -311,7 +311,11 @@ def _collect(**kw) -> None:
             stream = _cupti_stream(loaded, requests, names, kw["max_tokens"])
         elif kw["collector"] == "emulated":
             stream = EmulatedCollector(
-                loaded, launch_models, batch_size=kw["batch_size"], max_tokens=kw["max_tokens"]
+                loaded,
+                launch_models,
+                batch_size=kw["batch_size"],
+                max_tokens=kw["max_tokens"],
+                aggregate=kw["aggregate"],
             ).collect(requests)
         else:
             raise ValueError(f"--collector must be 'emulated' or 'cupti', not {kw['collector']!r}")
@@ -328,7 +332,9 @@ def _collect(**kw) -> None:
                 task = bar.add_task("collect", total=len(todo))
                 for _request, traces in stream:
                     for name, trace in traces.items():
-                        append_jsonl(handles[name], trace.aggregated() if kw["aggregate"] else trace)
+                        if kw["aggregate"] and trace.collector != EmulatedCollector.name:
+                            trace = trace.aggregated()  # CUPTI records: summed after the fact
+                        append_jsonl(handles[name], trace)
                     bar.advance(task)
         finally:
             for fh in handles.values():

@@ -79,13 +79,17 @@ def trace_from_routing(
     row: int | None = None,
     labels: dict[str, Any] | None = None,
     experts_implementation: str | None = None,
+    aggregate: bool = False,
 ) -> RequestTrace:
     """A trace from routing counts through a launch model: the one place every router-level
-    collector (emulated, in-process agent, vLLM plugin) turns counts into launches."""
+    collector (emulated, in-process agent, vLLM plugin) turns counts into launches.
+    ``aggregate``: one summed launch per (layer, expert or region), as ``RequestTrace.aggregated``."""
     launches = []
     for shape in shapes:
         launches.extend(
-            launch_model.layer_launches(shape.layer, shape.dims, routing.counts[shape.layer], routing.tokens)
+            launch_model.layer_launches(
+                shape.layer, shape.dims, routing.counts[shape.layer], routing.tokens, aggregate=aggregate
+            )
         )
     return RequestTrace(
         trace_id=trace_id,
@@ -113,6 +117,7 @@ def build_trace(
     collector: str,
     row: int | None = None,
     labels: dict[str, Any] | None = None,
+    aggregate: bool = False,
 ) -> RequestTrace:
     """:func:`trace_from_routing` for a model loaded here (its adapter knows the layer shapes)."""
     return trace_from_routing(
@@ -125,6 +130,7 @@ def build_trace(
         row=row,
         labels=labels,
         experts_implementation=loaded.adapter.experts_implementation,
+        aggregate=aggregate,
     )
 
 
@@ -144,6 +150,7 @@ class EmulatedCollector:
         *,
         batch_size: int = 8,
         max_tokens: int = 4096,
+        aggregate: bool = False,
     ) -> None:
         if not launch_models:
             raise ValueError("at least one launch model is needed")
@@ -153,6 +160,7 @@ class EmulatedCollector:
         self.launch_models = list(launch_models)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.aggregate = aggregate
         self._device = next(loaded.model.parameters()).device
 
     def route(self, requests: Sequence[Request]) -> list[RoutingCounts]:
@@ -185,15 +193,11 @@ class EmulatedCollector:
         self, selections: dict[int, torch.Tensor], lengths: list[int], width: int
     ) -> list[RoutingCounts]:
         """Per-request (layer, expert) counts from a batch's selections; padding rows are skipped."""
-        out: list[RoutingCounts] = []
-        for i, length in enumerate(lengths):
-            start = i * width
-            counts: dict[int, list[int]] = {}
-            for layer in self.loaded.adapter.layers:
-                chosen = selections[layer.layer][start : start + length]
-                counts[layer.layer] = torch.bincount(chosen.reshape(-1), minlength=layer.num_experts).tolist()
-            out.append(RoutingCounts(tokens=length, counts=counts))
-        return out
+        widths = {layer.layer: layer.num_experts for layer in self.loaded.adapter.layers}
+        return [
+            RoutingCounts.from_selections(selections, i * width, length, widths)
+            for i, length in enumerate(lengths)
+        ]
 
     def collect_batch(self, requests: Sequence[Request]) -> list[dict[str, RequestTrace]]:
         """Traces of one batch: for each request, launch-model name -> trace."""
@@ -209,6 +213,7 @@ class EmulatedCollector:
                         collector=self.name,
                         row=request.row,
                         labels=request.labels,
+                        aggregate=self.aggregate,
                     )
                     for lm in self.launch_models
                 }
