@@ -195,10 +195,13 @@ def test_invert_attacks_run_and_text_beats_fingerprints(
     assert result.exit_code == 0, result.output
     body = json.loads(out.with_suffix(".json").read_text())
     w = body["word_recovery"]
-    # given the text, the same attacker recovers the words: the harness can tell leaky from not
+    # given the text, the same attackers recover the words: the harness can tell leaky from not
     best = {
-        rep: max(w[f"{rep} / {a}"]["f1"] for a in ("knn", "mlp")) for rep in ("text (tf-idf)", "fingerprint")
+        rep: max(w[f"{rep} / {a}"]["f1"] for a in ("knn", "mlp", "linear"))
+        for rep in ("text (tf-idf)", "fingerprint")
     }
+    # the text holds the answer, and the linear attacker reads it off
+    assert w["text (tf-idf) / linear"]["f1"] > 0.9, w
     assert best["text (tf-idf)"] > best["fingerprint"] + 0.05, w
     assert best["text (tf-idf)"] > w["frequent-words baseline"]["f1"] + 0.1, w
     # a fingerprint is a deterministic function of the prompt: a dictionary attacker finds exact guesses
