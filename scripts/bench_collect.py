@@ -29,7 +29,7 @@ from routescan.models.adapters import RoutingRecorder, get_adapter
 from routescan.models.loading import LoadedMoE
 from routescan.models.tiny import build_tiny_moe
 from routescan.models.tokenizer import ByteTokenizer
-from routescan.telemetry.emulated import EmulatedCollector, Request, build_trace
+from routescan.telemetry.emulated import EmulatedCollector, Request, layer_shapes, trace_from_routing
 from routescan.telemetry.registry import load_launch_model
 
 # The compute shape of the MoEfied SmolLM2-135M 16-expert top-4 reference design (hidden 576,
@@ -114,10 +114,15 @@ def measure(loaded: LoadedMoE, collector: EmulatedCollector, length: int, repeat
     own = collector_work(loaded, collector, ids, n=max(5, repeats))
     routing = collector.route([request])[0]
     lm = collector.launch_models[0]
-    trace = build_trace(loaded, lm, routing, trace_id="bench", collector="emulated")
+    shapes = layer_shapes(loaded.adapter)
+    trace = trace_from_routing(loaded.model_id, shapes, lm, routing, trace_id="bench", collector="emulated")
     spec = FingerprintSpec.from_trace(trace)
     n = max(20, repeats)
-    build_t = timed(lambda: build_trace(loaded, lm, routing, trace_id="b", collector="emulated"), n, warmup=2)
+    build_t = timed(
+        lambda: trace_from_routing(loaded.model_id, shapes, lm, routing, trace_id="b", collector="emulated"),
+        n,
+        warmup=2,
+    )
     feat_t = timed(lambda: spec.transform(trace), n, warmup=2)
     p, h, b = median(plain_t), median(hot_t), median(build_t)
     return {

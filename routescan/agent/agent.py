@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from routescan.agent.sender import TraceSender
-from routescan.models.adapters import MoEAdapter, get_adapter
-from routescan.telemetry.emulated import RoutingCounts, build_trace
+from routescan.models.adapters import get_adapter
+from routescan.telemetry.emulated import RoutingCounts, layer_shapes, trace_from_routing
 from routescan.telemetry.launch import LaunchModel
 from routescan.telemetry.registry import load_launch_model
 
@@ -56,14 +56,6 @@ def packed_spans(request_ids: Sequence[str], lengths: Sequence[int]) -> list[Spa
     return out
 
 
-class _Loaded:
-    """What build_trace needs: the adapter and the model id."""
-
-    def __init__(self, adapter: MoEAdapter, model_id: str) -> None:
-        self.adapter = adapter
-        self.model_id = model_id
-
-
 class RouteScanAgent:
     """Per-request prefill traces from a model's routing, shipped by a :class:`TraceSender`."""
 
@@ -87,7 +79,8 @@ class RouteScanAgent:
         self.sampling = sampling
         # one summed launch per (layer, expert): same fingerprint, ~7x less to build, send and store
         self.aggregate = aggregate
-        self._loaded = _Loaded(self.adapter, model_id)
+        self.model_id = model_id
+        self._shapes = layer_shapes(self.adapter)
         self._local = threading.local()
         self._handles = [
             layer.router.register_forward_hook(self._hook(layer.layer)) for layer in self.adapter.layers
@@ -132,13 +125,15 @@ class RouteScanAgent:
 
     def _builder(self, span: Span, routing: RoutingCounts):
         def build():
-            return build_trace(
-                self._loaded,
+            return trace_from_routing(
+                self.model_id,
+                self._shapes,
                 self.launch_model,
                 routing,
                 trace_id=span.request_id,
                 collector=self.collector,
                 labels=dict(span.labels),
+                experts_implementation=self.adapter.experts_implementation,
                 aggregate=self.aggregate,
             )
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from routescan.models.adapters import MoEAdapter
 from routescan.models.batching import pad_batch
 from routescan.models.loading import LoadedMoE
 from routescan.telemetry.launch import LaunchModel
@@ -64,8 +65,8 @@ class LayerShape:
     dims: dict[str, int]
 
 
-def layer_shapes(loaded: LoadedMoE) -> list[LayerShape]:
-    return [LayerShape(x.layer, x.num_experts, x.top_k, x.dims()) for x in loaded.adapter.layers]
+def layer_shapes(adapter: MoEAdapter) -> list[LayerShape]:
+    return [LayerShape(x.layer, x.num_experts, x.top_k, x.dims()) for x in adapter.layers]
 
 
 def trace_from_routing(
@@ -108,32 +109,6 @@ def trace_from_routing(
     )
 
 
-def build_trace(
-    loaded: LoadedMoE,
-    launch_model: LaunchModel,
-    routing: RoutingCounts,
-    *,
-    trace_id: str,
-    collector: str,
-    row: int | None = None,
-    labels: dict[str, Any] | None = None,
-    aggregate: bool = False,
-) -> RequestTrace:
-    """:func:`trace_from_routing` for a model loaded here (its adapter knows the layer shapes)."""
-    return trace_from_routing(
-        loaded.model_id,
-        layer_shapes(loaded),
-        launch_model,
-        routing,
-        trace_id=trace_id,
-        collector=collector,
-        row=row,
-        labels=labels,
-        experts_implementation=loaded.adapter.experts_implementation,
-        aggregate=aggregate,
-    )
-
-
 class EmulatedCollector:
     """Prefill on CPU (or any torch device) with routers hooked; traces through launch models.
 
@@ -161,6 +136,7 @@ class EmulatedCollector:
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.aggregate = aggregate
+        self._shapes = layer_shapes(loaded.adapter)
         self._device = next(loaded.model.parameters()).device
 
     def route(self, requests: Sequence[Request]) -> list[RoutingCounts]:
@@ -205,14 +181,16 @@ class EmulatedCollector:
         for request, routing in zip(requests, self.route(requests), strict=True):
             results.append(
                 {
-                    lm.name: build_trace(
-                        self.loaded,
+                    lm.name: trace_from_routing(
+                        self.loaded.model_id,
+                        self._shapes,
                         lm,
                         routing,
                         trace_id=request.trace_id,
                         collector=self.name,
                         row=request.row,
                         labels=request.labels,
+                        experts_implementation=self.loaded.adapter.experts_implementation,
                         aggregate=self.aggregate,
                     )
                     for lm in self.launch_models
