@@ -203,6 +203,13 @@ def write_figures(results: dict[str, Any], out_dir: Path, prefix: str) -> list[P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+
+    def save(fig, name: str) -> Path:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        return out_dir / name
+
     curves = results["curves"]
     shared = curves.get("shared", {})
     for source, by_method in curves.items():
@@ -223,11 +230,7 @@ def write_figures(results: dict[str, Any], out_dir: Path, prefix: str) -> list[P
             ax.set_xlabel("false-positive rate (log below 1%)")
             ax.set_ylabel("true-positive rate (mean over held-out groups)")
             ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = out_dir / f"{prefix}-roc-{source}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, f"{prefix}-roc-{source}.png"))
     for source, by_set in results.get("distributions", {}).items():
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
         bins = np.linspace(0, 1, 41)
@@ -246,11 +249,7 @@ def write_figures(results: dict[str, Any], out_dir: Path, prefix: str) -> list[P
         ax.set_ylabel("density")
         ax.set_title(f"{source}: held-out harmful requests and hard negatives", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
-        path = out_dir / f"{prefix}-scores-{source}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, f"{prefix}-scores-{source}.png"))
     return paths
 
 
