@@ -118,9 +118,8 @@ class RouteScanAgent:
         if not spans or not buffer:
             return
         selections = {layer: torch.cat(calls).to("cpu") for layer, calls in buffer.items()}
-        widths = {layer.layer: layer.num_experts for layer in self.adapter.layers}
         for span in spans:
-            routing = RoutingCounts.from_selections(selections, span.start, span.length, widths)
+            routing = RoutingCounts.from_selections(selections, span.start, span.length, self._shapes)
             self.sender.submit(self._builder(span, routing))
 
     def _builder(self, span: Span, routing: RoutingCounts):

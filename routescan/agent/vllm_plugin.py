@@ -106,7 +106,6 @@ class _VllmAgent:
             )
             for index, layer in enumerate(self.layers)
         ]
-        self.widths = {shape.layer: shape.num_experts for shape in self.shapes}
         self.buffer: dict[int, list] | None = None
         for index, layer in enumerate(self.layers):
             router = getattr(layer, "router", None)
@@ -147,7 +146,7 @@ class _VllmAgent:
 
         ids = {i: torch.cat(v).cpu() for i, v in buffer.items()}
         for span in spans:
-            routing = RoutingCounts.from_selections(ids, span.start, span.length, self.widths)
+            routing = RoutingCounts.from_selections(ids, span.start, span.length, self.shapes)
 
             def build(span=span, routing=routing):
                 return trace_from_routing(

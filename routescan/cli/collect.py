@@ -81,8 +81,9 @@ def corpus_rows(recipe: Path, corpora: Path) -> list[PromptRow]:
     return sorted(rows, key=lambda r: len(r.text))
 
 
-def _cupti_stream(loaded, requests, names: list[str], max_tokens: int):
-    """(request, {name: trace}) from the GPU collector, under the single output name asked for."""
+def _cupti_stream(loaded, requests, names: list[str], max_tokens: int, aggregate: bool):
+    """(request, {name: trace}) from the GPU collector, under the single output name asked for.
+    Kernel records only exist per kernel, so ``aggregate`` sums them after the fact."""
     from routescan.telemetry.cupti import CuptiCollector, GpuUnavailable
 
     if len(names) != 1:
@@ -91,7 +92,7 @@ def _cupti_stream(loaded, requests, names: list[str], max_tokens: int):
         collector = CuptiCollector(loaded, max_tokens=max_tokens)
         loaded.model.to("cuda")
         for request, trace in collector.collect(requests):
-            yield request, {names[0]: trace}
+            yield request, {names[0]: trace.aggregated() if aggregate else trace}
     except GpuUnavailable as exc:
         raise ValueError(str(exc)) from None
 
@@ -308,7 +309,7 @@ def _collect(**kw) -> None:
             )
         requests = (Request(r.trace_id, r.text, row=r.row, labels=r.labels) for r in todo)
         if kw["collector"] == "cupti":
-            stream = _cupti_stream(loaded, requests, names, kw["max_tokens"])
+            stream = _cupti_stream(loaded, requests, names, kw["max_tokens"], kw["aggregate"])
         elif kw["collector"] == "emulated":
             stream = EmulatedCollector(
                 loaded,
@@ -332,8 +333,6 @@ def _collect(**kw) -> None:
                 task = bar.add_task("collect", total=len(todo))
                 for _request, traces in stream:
                     for name, trace in traces.items():
-                        if kw["aggregate"] and trace.collector != EmulatedCollector.name:
-                            trace = trace.aggregated()  # CUPTI records: summed after the fact
                         append_jsonl(handles[name], trace)
                     bar.advance(task)
         finally:

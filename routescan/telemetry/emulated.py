@@ -44,14 +44,14 @@ class RoutingCounts:
 
     @classmethod
     def from_selections(
-        cls, selections: Mapping[int, torch.Tensor], start: int, length: int, num_experts: Mapping[int, int]
+        cls, selections: Mapping[int, torch.Tensor], start: int, length: int, shapes: Sequence[LayerShape]
     ) -> RoutingCounts:
         """Count rows ``[start, start + length)`` of each layer's ``[tokens, top_k]`` selected-expert ids
         (one request's slice of a batched step) into per-expert routed pairs."""
         counts = {}
-        for layer, ids in selections.items():
-            rows = ids[start : start + length].reshape(-1)
-            counts[layer] = torch.bincount(rows, minlength=num_experts[layer]).tolist()
+        for shape in shapes:
+            rows = selections[shape.layer][start : start + length].reshape(-1)
+            counts[shape.layer] = torch.bincount(rows, minlength=shape.num_experts).tolist()
         return cls(tokens=length, counts=counts)
 
 
@@ -169,9 +169,8 @@ class EmulatedCollector:
         self, selections: dict[int, torch.Tensor], lengths: list[int], width: int
     ) -> list[RoutingCounts]:
         """Per-request (layer, expert) counts from a batch's selections; padding rows are skipped."""
-        widths = {layer.layer: layer.num_experts for layer in self.loaded.adapter.layers}
         return [
-            RoutingCounts.from_selections(selections, i * width, length, widths)
+            RoutingCounts.from_selections(selections, i * width, length, self._shapes)
             for i, length in enumerate(lengths)
         ]
 
