@@ -219,14 +219,15 @@ class TraceSender:
         with replaying.open(encoding="utf-8") as fh:
             lines = (line for line in fh if line.strip())
             while chunk := list(itertools.islice(lines, self.batch_max)):
-                whole = [line.strip() for line in chunk if _is_json(line)]
                 # a line torn by a crash mid-append would make the daemon refuse its whole batch
-                self.counters.rejected += len(chunk) - len(whole)
+                whole = [line.strip() for line in chunk if _is_json(line)]
                 status = self._post(whole) if whole else "ok"
                 if status == "down":
                     self._down_until = time.monotonic() + self.retry_interval_s
                     rest = chunk + list(lines)
                     break
+                # counted once the chunk is consumed, so a retry of the same chunk does not recount it
+                self.counters.rejected += len(chunk) - len(whole)
                 if status == "ok":
                     self.counters.replayed += len(whole)
                 else:
