@@ -58,7 +58,7 @@ def test_score_file(tmp_path, test_detector, synthetic_traces) -> None:
         "--out",
         tmp_path / "s.csv",
         "--threshold",
-        "1.01",
+        "1",
         "--fail-on-flag",
     )
     assert result.exit_code == 0
@@ -104,7 +104,9 @@ def test_untrusted_detector_file_is_refused(tmp_path, test_detector) -> None:
     else:
         raise AssertionError("a detector with types outside the allowlist was loaded")
     round_trip = Detector.load(test_detector.save(tmp_path / "ok.zip"))
-    assert round_trip.card == test_detector.card
+    assert round_trip.card == test_detector.card.model_copy(
+        update={"estimator_type": "sklearn.pipeline.Pipeline"}
+    )
 
 
 def test_linear_fast_path_matches_sklearn(test_detector, synthetic_traces) -> None:
@@ -115,3 +117,96 @@ def test_linear_fast_path_matches_sklearn(test_detector, synthetic_traces) -> No
     fast = test_detector.predict_proba(X)
     slow = test_detector.estimator.predict_proba(X)[:, 1]
     np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
+
+
+def test_score_edge_cases_a_probe_found(tmp_path, test_detector, synthetic_traces) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    det = test_detector.save(tmp_path / "det.zip")
+    out = tmp_path / "s.jsonl"
+    good = [json.loads(t.model_dump_json(exclude_none=True)) for t in synthetic_traces[:4]]
+
+    # every row skipped: a pipeline must not read that as "nothing flagged"
+    bad_only = tmp_path / "bad.jsonl"
+    bad_only.write_text('{"trace_id": "x"}\n{"trace_id": "y"}\n')
+    result, text = run("score", bad_only, "--detector", det, "--out", out, "--fail-on-flag")
+    assert result.exit_code == 2 and "no trace could be scored" in " ".join(text.split())
+
+    # Latin-1 and binary rows are that row's problem; a byte-order mark is not a problem at all
+    mixed = tmp_path / "mixed.jsonl"
+    with mixed.open("wb") as fh:
+        fh.write(b"\xef\xbb\xbf" + json.dumps(good[0]).encode() + b"\n")
+        fh.write("caf\xe9 na\xefve\n".encode("latin-1"))
+        fh.write(b"\x00\xff\xfe binary\n")
+        fh.write(json.dumps(good[1]).encode() + b"\n")
+    result, text = run("score", mixed, "--detector", det, "--out", out)
+    assert result.exit_code == 0, text
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["scored"] == 2 and summary["skipped"] == 2
+    assert "row 2" in text and "row 3" in text and "not UTF-8" in text
+
+    # empty and all-zero traces carry no evidence; numbers as strings are not numbers
+    empty = dict(good[0], launches=[])
+    zeros = dict(good[1], launches=[dict(x, grid=[0, 1, 1], threads=0) for x in good[1]["launches"]])
+    stringly = dict(good[2], prompt_tokens="5")
+    huge = dict(good[3], prompt_tokens=10**309)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\n".join(json.dumps(r) for r in (empty, zeros, stringly, huge, good[0])) + "\n")
+    result, text = run("score", odd, "--detector", det, "--out", out, "--on-bad", "skip")
+    assert result.exit_code == 0, text
+    assert json.loads(result.stdout.strip().splitlines()[-1])["skipped"] == 4
+    assert "nothing to score" in " ".join(text.split()) and "Traceback" not in text
+
+    # a Parquet file that is not a trace file
+    alien = tmp_path / "alien.parquet"
+    pq.write_table(pa.table({"trace_id": ["a"], "model_id": ["m"]}), alien)
+    result, text = run("score", alien, "--detector", det, "--out", out)
+    assert result.exit_code == 2 and "missing" in text and "Traceback" not in text
+
+    # thresholds are probabilities; the summary is always valid JSON
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps(good[0]) + "\n")
+    for threshold in ("5", "nan", "-0.1"):
+        result, text = run("score", ok, "--detector", det, "--out", out, "--threshold", threshold)
+        assert result.exit_code == 2 and "between 0 and 1" in text, threshold
+    result, _ = run("score", ok, "--detector", det, "--out", out, "--threshold", "0.5")
+    json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_blank_token_is_a_configuration_error(tmp_path, monkeypatch) -> None:
+    from routescan.service.settings import load_settings
+
+    monkeypatch.setenv("ROUTESCAN_API_TOKEN", "   ")
+    result, text = run("serve", "--db", tmp_path / "a.db", "--port", "0")
+    assert result.exit_code == 2 and "blank" in text and "auth off" not in text
+    monkeypatch.delenv("ROUTESCAN_API_TOKEN")
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    result, text = run("serve", "--db", tmp_path / "a.db", "--token-file", empty)
+    assert result.exit_code == 2 and "empty" in text
+    empty.write_text("  real-token \n")
+    assert load_settings(token_file=empty).token() == "real-token"
+
+
+def test_settings_layers_yaml_env_and_flags(tmp_path, monkeypatch) -> None:
+    from routescan.service.settings import load_settings
+
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        "service:\n  port: 9000\n  uds_mode: 0640\n  max_batch: 10\n  allowed_hosts: [audit.internal]\n"
+    )
+    s = load_settings(config)
+    assert (s.port, s.uds_mode, s.max_batch) == (9000, 0o640, 10)
+    monkeypatch.setenv("ROUTESCAN_UDS_MODE", "0600")
+    monkeypatch.setenv("ROUTESCAN_PORT", "9001")
+    s = load_settings(config, port=9002)
+    assert (s.port, s.uds_mode) == (9002, 0o600)
+    assert "audit.internal" in s.trusted_hosts()
+    config.write_text("service:\n  colour: blue\n")
+    try:
+        load_settings(config)
+    except ValueError as exc:
+        assert "colour" in str(exc)
+    else:
+        raise AssertionError("an unknown setting was accepted")

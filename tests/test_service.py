@@ -142,17 +142,39 @@ def test_audit_filters(server, synthetic_traces, test_detector) -> None:
 
 
 def test_metrics(server, synthetic_traces) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     httpx.post(f"{server}/v1/score/batch", json={"items": [body(t) for t in synthetic_traces[:8]]})
-    text = httpx.get(f"{server}/metrics").text
-    assert 'routescan_requests_total{endpoint="/v1/score/batch",status="200"} 1' in text
-    assert 'routescan_request_seconds_count{endpoint="/v1/score/batch"} 1' in text
-    scored = sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("routescan_scored_total{") and 'model_id="tiny-mixtral-seed0"' in line
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+    kinds = {name: f.type for name, f in families.items() if name.startswith("routescan_")}
+    assert kinds == {
+        "routescan_requests": "counter",
+        "routescan_request_seconds": "histogram",
+        "routescan_scored": "counter",
+        "routescan_flagged": "counter",
+        "routescan_alerts": "counter",
+        "routescan_detector_info": "gauge",  # an info metric, as the text format writes it
+        "routescan_store_errors": "counter",
+        "routescan_store_up": "gauge",
+    }
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert (
+        value("routescan_requests", "routescan_requests_total", endpoint="/v1/score/batch", status="200") == 1
     )
-    assert scored == 8
-    assert "routescan_detector_info{" in text
+    assert (
+        value("routescan_request_seconds", "routescan_request_seconds_count", endpoint="/v1/score/batch") == 1
+    )
+    assert value("routescan_scored", "routescan_scored_total", model_id="tiny-mixtral-seed0") == 8
+    assert value("routescan_store_errors", "routescan_store_errors_total") == 0
+    assert value("routescan_store_up", "routescan_store_up") == 1
+    assert value("routescan_detector_info", "routescan_detector_info", detector_id="test-detector") == 1
 
 
 def test_body_size_limit(tmp_path, test_detector, synthetic_traces) -> None:

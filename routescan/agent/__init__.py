@@ -6,7 +6,8 @@ Configured by environment variables (the vLLM plugin reads them in each worker):
 - ``ROUTESCAN_SIGNAL``: the launch model traces are built with (default ``router``; the daemon's
   detector must read the same)
 - ``ROUTESCAN_SAMPLING``: share of requests traced, 0..1 (default 1)
-- ``ROUTESCAN_SPOOL``: spool file while the daemon is down (default ``/tmp/routescan-spool.jsonl``)
+- ``ROUTESCAN_SPOOL``: spool file while the daemon is down (default ``spool.jsonl`` in the serving
+  user's state directory, e.g. ``~/.local/state/routescan/``; created 0600 in a 0700 directory)
 - ``ROUTESCAN_MODEL_ID``: model id written into traces (must match the detector's)
 - ``ROUTESCAN_API_TOKEN``: bearer token, when the daemon listens on TCP beyond loopback
 """
@@ -18,14 +19,14 @@ import os
 import torch
 
 from routescan.agent.agent import RouteScanAgent, Span, packed_spans, padded_spans
-from routescan.agent.sender import SenderCounters, TraceSender
+from routescan.agent.sender import SenderCounters, TraceSender, default_spool_path
 
 
 def sender_from_env() -> TraceSender:
     env = os.environ
     return TraceSender(
         env.get("ROUTESCAN_DAEMON", "unix:///run/routescan/routescan.sock"),
-        spool=env.get("ROUTESCAN_SPOOL", "/tmp/routescan-spool.jsonl"),
+        spool=env.get("ROUTESCAN_SPOOL") or default_spool_path(),
         token=env.get("ROUTESCAN_API_TOKEN"),
     )
 

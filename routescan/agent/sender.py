@@ -60,6 +60,16 @@ def _client(target: str, token: str | None, timeout: float) -> tuple[httpx.Clien
     raise ValueError(f"daemon address {target!r}: use unix:///path/to.sock or http://127.0.0.1:PORT")
 
 
+SPOOL_MODE = 0o600
+
+
+def default_spool_path() -> Path:
+    """The serving user's state directory (never a shared /tmp)."""
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("routescan")) / "spool.jsonl"
+
+
 class TraceSender:
     """Bounded queue + background sender + spool. Thread-safe ``submit``; ``close`` drains."""
 
@@ -77,7 +87,8 @@ class TraceSender:
     ) -> None:
         self.target = target
         self.spool = Path(spool)
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        # traces are sensitive metadata (docs/privacy.md): the spool is the serving user's alone
+        self.spool.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.batch_max = batch_max
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
@@ -179,7 +190,7 @@ class TraceSender:
             self._append_spool(traces)
 
     def _append_spool(self, traces: list[str]) -> None:
-        with self.spool.open("a", encoding="utf-8") as fh:
+        with os.fdopen(os.open(self.spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SPOOL_MODE), "a") as fh:
             for t in traces:
                 fh.write(t + "\n")
             fh.flush()
@@ -238,5 +249,6 @@ class TraceSender:
         elif delivered:
             # drop what was delivered; the tail keeps its place ahead of anything spooled since
             tmp = replaying.with_name(replaying.name + ".tmp")
-            tmp.write_text("".join(rest), encoding="utf-8")
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SPOOL_MODE), "w") as fh:
+                fh.write("".join(rest))
             os.replace(tmp, replaying)

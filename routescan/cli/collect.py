@@ -13,9 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from routescan.cli.common import console, defaults, friendly_errors
 from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
 from routescan.corpus.prompts import PromptRow, demo_prompts_path, read_prompts
-from routescan.models.loading import load_pretrained, load_tiny
 from routescan.models.tiny import tiny_model_types
-from routescan.telemetry.emulated import EmulatedCollector, Request
 from routescan.telemetry.io import append_jsonl, read_traces, trace_format, write_traces
 from routescan.telemetry.registry import available_launch_models, load_launch_model
 
@@ -284,6 +282,10 @@ def _collect(**kw) -> None:
         console.print(f"resuming: {len(rows) - len(todo)} of {len(rows)} requests already collected")
 
     if todo:
+        # torch and transformers load here, not when the CLI starts
+        from routescan.models.loading import load_pretrained, load_tiny
+        from routescan.telemetry.emulated import EmulatedCollector, Request
+
         if kw["model"] is not None:
             loaded = load_pretrained(
                 kw["model"],

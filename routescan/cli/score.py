@@ -7,13 +7,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from routescan.cli.common import console, friendly_errors
 from routescan.detector.artifact import Detector, DetectorMismatch, default_detector_path
+from routescan.detector.scoring import InputRejected, Scorer, resolve_operating_point
 from routescan.telemetry.io import TraceFileError, iter_trace_rows
+from routescan.telemetry.schema import RequestTrace
 
 _CHUNK = 512
 
@@ -46,8 +49,10 @@ def score(
 ) -> None:
     """Score every trace of a file, write one result per trace, and print a summary.
 
-    Bad rows are reported with their row number and skipped (or stop the run with --on-bad fail);
-    none is dropped silently. The output holds ids, scores and labels only.
+    Bad rows (invalid, another model's, empty, out of range, not UTF-8) are reported with their row
+    number and skipped (or stop the run with --on-bad fail); none is dropped silently. Exit codes:
+    0 scored, 2 bad input or nothing could be scored, 3 something flagged with --fail-on-flag. The
+    output holds ids, scores and labels only.
     """
     flagged = friendly_errors(_score)(traces, out, detector, threshold, fpr, label_column, on_bad)
     if fail_on_flag and flagged:
@@ -65,42 +70,45 @@ def _score(
 ) -> int:
     if on_bad not in ("skip", "fail"):
         raise ValueError("--on-bad must be 'skip' or 'fail'")
-    if threshold is not None and fpr is not None:
-        raise ValueError("give --threshold or --fpr, not both")
-    det = Detector.load(detector_path or default_detector_path())
-    card = det.card
-    if fpr is not None:
-        matches = [
-            p for p in card.operating_points if p.target_fpr is not None and abs(p.target_fpr - fpr) < 1e-9
-        ]
-        if not matches:
-            known = ", ".join(f"{p.target_fpr:g}" for p in card.operating_points if p.target_fpr is not None)
-            raise ValueError(f"the detector has no operating point at FPR {fpr:g}; it has {known}")
-        point_name, cut = matches[0].name, matches[0].threshold
-    elif threshold is not None:
-        point_name, cut = "custom", threshold
-    else:
-        point = card.operating_point()
-        point_name, cut = point.name, point.threshold
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ValueError(f"{out}: write scores as .jsonl or .csv")
+    det = Detector.load(detector_path or default_detector_path())
+    card = det.card
+    point = resolve_operating_point(card, fpr=fpr, threshold=threshold)
+    scorer = Scorer(det, point)
 
     rows: list[dict] = []
     bad: list[str] = []
-    pending: list = []
+    pending: list[tuple[int, RequestTrace]] = []
+
+    def skip(number: int, exc: Exception) -> None:
+        if on_bad == "fail":
+            raise ValueError(f"row {number}: {exc}") from None
+        bad.append(f"row {number}: {exc}")
 
     def flush() -> None:
         if not pending:
             return
-        X = det.spec.transform_many(t for _, t in pending)  # each was checked when queued
-        for (number, trace), s in zip(pending, det.predict_proba(X), strict=True):
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                scored = scorer.score([t for _, t in pending], check=False)  # each was checked when queued
+            results = list(zip(pending, scored, strict=True))
+        except InputRejected:  # one row out of range: score the chunk row by row to name it
+            results = []
+            for number, trace in pending:
+                try:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        results.append(((number, trace), scorer.score([trace], check=False)[0]))
+                except InputRejected as exc:
+                    skip(number, exc)
+        for (number, trace), s in results:
             rows.append(
                 {
                     "row": number,
-                    "trace_id": trace.trace_id,
-                    "model_id": trace.model_id,
-                    "score": float(s),
-                    "label": "flagged" if s >= cut else "ok",
+                    "trace_id": s.trace_id,
+                    "model_id": s.model_id,
+                    "score": s.score,
+                    "label": s.label,
                     "group": str(trace.labels.get(label_column)) if label_column else None,
                 }
             )
@@ -114,17 +122,23 @@ def _score(
             try:
                 if isinstance(item, TraceFileError):
                     raise item
-                det.check_trace(item)
+                scorer.check(item)
                 pending.append((number, item))
-            except (TraceFileError, DetectorMismatch) as exc:
-                if on_bad == "fail":
-                    raise ValueError(f"row {number}: {exc}") from None
-                bad.append(f"row {number}: {exc}")
+            except (TraceFileError, DetectorMismatch, InputRejected) as exc:
+                skip(number, exc)
             if len(pending) >= _CHUNK:
                 flush()
             bar.advance(task)
         flush()
 
+    for line in bad:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    if not rows:
+        raise NothingScored(
+            f"{traces}: no trace could be scored ({len(bad)} row(s) skipped, see above)"
+            if bad
+            else f"{traces}: the file holds no traces"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -134,14 +148,12 @@ def _score(
                 fh.write(f"{r['row']},{r['trace_id']},{r['model_id']},{r['score']:.6f},{r['label']}\n")
         else:
             for r in rows:
-                fh.write(json.dumps({k: v for k, v in r.items() if k != "group"}) + "\n")
+                fh.write(json.dumps({k: v for k, v in r.items() if k != "group"}, allow_nan=False) + "\n")
     tmp.replace(out)
 
-    for line in bad:
-        console.print(f"[yellow]skipped[/] {line}", highlight=False)
     table = Table(
         title=f"{traces.name}: {card.detector_id} {card.version}{' (DEMO)' if card.demo else ''}, "
-        f"operating point {point_name} (threshold {cut:.4f})"
+        f"operating point {point.name} (threshold {point.threshold:.4f})"
     )
     by = "model_id" if label_column is None else "group"
     table.add_column(by if by == "model_id" else label_column)
@@ -160,9 +172,14 @@ def _score(
                 "flagged": n_flagged,
                 "skipped": len(bad),
                 "out": str(out),
-                "operating_point": point_name,
-                "threshold": cut,
-            }
+                "operating_point": point.name,
+                "threshold": point.threshold,
+            },
+            allow_nan=False,
         )
     )
     return n_flagged
+
+
+class NothingScored(ValueError):
+    """Every row was skipped, or there were none: a pipeline must not read that as 'nothing flagged'."""

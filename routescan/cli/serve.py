@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +22,20 @@ def serve(
         Path | None,
         typer.Option(
             help="Listen on this Unix domain socket instead of TCP (the in-process agent's default "
-            "transport; access is governed by the socket file's permissions, group read/write).",
+            "transport). The socket is created with --uds-mode (default 0660) and --uds-group: socket "
+            "clients skip the token, so the file mode is the access control. An existing path is "
+            "replaced only if it is a stale socket.",
             show_default=False,
+        ),
+    ] = None,
+    uds_mode: Annotated[
+        str | None,
+        typer.Option(help="Octal mode of the socket file (default 0660).", show_default=False),
+    ] = None,
+    uds_group: Annotated[
+        str | None,
+        typer.Option(
+            help="Group of the socket file, e.g. the serving container's group.", show_default=False
         ),
     ] = None,
     detector: Annotated[
@@ -57,55 +68,29 @@ def serve(
     With no arguments it starts on 127.0.0.1:8787 with the demo detector shipped in the package and
     a SQLite audit store in your user data directory. Settings come from configs/service.yaml,
     then ROUTESCAN_* environment variables, then these flags. Binding a non-loopback address
-    requires a bearer token. Requests never carry text: the schemas refuse it.
+    requires a bearer token; a loopback server without one refuses browsers (foreign Host or
+    Origin headers, non-JSON bodies). Requests never carry text: the schemas refuse it.
     """
     friendly_errors(_serve)(
+        config,
         host=host,
         port=port,
         uds=uds,
+        uds_mode=uds_mode,
+        uds_group=uds_group,
         detector=detector,
         operating_point=operating_point,
         db=db,
         token_file=token_file,
         webhook_url=webhook_url,
-        config=config,
     )
 
 
 def _serve(config: Path | None, **overrides: object) -> None:
-    import uvicorn
-
-    from routescan.detector.artifact import Detector, default_detector_path
-    from routescan.service.app import create_app
+    from routescan.service.server import serve as run
     from routescan.service.settings import load_settings
 
-    settings = load_settings(config, **overrides)
-    token = settings.api_token()
-    if settings.uds is None and not settings.is_loopback() and not token:
-        raise ValueError(
-            f"refusing to listen on {settings.host} without an API token: set ROUTESCAN_API_TOKEN or "
-            "--token-file (or bind 127.0.0.1)"
-        )
-    det = Detector.load(settings.detector or default_detector_path())
-    card = det.card
-    point = card.operating_point(settings.operating_point)
-    console.print(
-        f"detector [bold]{card.detector_id} {card.version}[/]{' [yellow](DEMO)[/]' if card.demo else ''} "
-        "reads "
-        f"{card.spec.model_id} / {card.spec.launch_model}; operating point {point.name} "
-        f"(threshold {point.threshold:.4f})",
-        highlight=False,
+    run(
+        load_settings(config, **overrides),
+        say=lambda line: console.print(line, highlight=False, markup=False),
     )
-    console.print(
-        f"audit store {settings.db_path()}; auth {'bearer token' if token else 'off (loopback only)'}",
-        highlight=False,
-    )
-    app = create_app(settings, detector=det)
-    if settings.uds is not None:
-        settings.uds.parent.mkdir(parents=True, exist_ok=True)
-        settings.uds.unlink(missing_ok=True)  # a stale socket from a killed daemon would block the bind
-        os.umask(0o007)  # socket rw for owner and group (the serving container's user), none for others
-        console.print(f"listening on unix socket {settings.uds}", highlight=False)
-        uvicorn.run(app, uds=str(settings.uds), access_log=settings.access_log, log_level="info")
-        return
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=settings.access_log, log_level="info")

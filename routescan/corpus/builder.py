@@ -16,6 +16,7 @@ Rules the detector's honesty depends on:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from routescan.config import load_yaml
 from routescan.corpus.raw import load_raw
 from routescan.corpus.unified import CorpusRow, load_benign, load_harmful
-from routescan.telemetry.schema import TRACE_ID_PATTERN
+from routescan.telemetry.schema import trace_id_problem
 
 # The DAN-like families share ancestors (AutoDAN mutates DAN prompts, GPTFuzzer seeds come from the
 # same forums): holding one out while training on another would leak, so they are one super-family.
@@ -118,8 +119,6 @@ def load_wrappers(corpora: str | Path) -> list[Wrapper]:
 
 
 _TOKEN = re.compile(r"[^A-Za-z0-9._:/+\-]")
-_ID = re.compile(r"[^A-Za-z0-9._:\-]")
-TRACE_ID = re.compile(TRACE_ID_PATTERN)
 
 
 def token(value: str) -> str:
@@ -255,7 +254,8 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
             w = templates[i % len(templates)] if len(templates) <= len(bases) else rng.choice(templates)
             examples.append(
                 Example(
-                    _ID.sub("_", f"w-{token(fam)}-{base.id}-{token(w.id)}"[:128]),
+                    # family and template are labels already; the id only needs to be unique
+                    f"w-{base.id}-{hashlib.blake2b(w.id.encode(), digest_size=4).hexdigest()}",
                     w.wrap(base.text),
                     base.label,
                     base.domain,
@@ -265,7 +265,7 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
                     wrapper=w.id,
                 )
             )
-    bad = [e.id for e in examples if not TRACE_ID.match(e.id)]
+    bad = [e.id for e in examples if trace_id_problem(e.id)]
     if bad:  # caught here, not after an hour of collection
         raise ValueError(f"corpus ids that traces cannot carry: {bad[:3]}; report this as a bug")
     ids = Counter(e.id for e in examples)

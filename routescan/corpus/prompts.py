@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routescan.telemetry.schema import LABEL_TOKEN_PATTERN, TRACE_ID_PATTERN
+from routescan.telemetry.schema import LABEL_KEY_PATTERN, LABEL_TOKEN_PATTERN, MAX_LABELS, trace_id_problem
 
 # The trace schema's own patterns: a file is refused here, with its row, before any model runs.
 _TOKEN = re.compile(LABEL_TOKEN_PATTERN)
-_TRACE_ID = re.compile(TRACE_ID_PATTERN)
 _INT = re.compile(r"^-?\d{1,18}$")
 _FLOAT = re.compile(r"^-?\d+\.\d*(e-?\d+)?$")
 
@@ -130,6 +129,14 @@ def read_prompts(
         raise PromptFileError(f"{path}: no such file")
     if text_column in label_columns or (id_column and id_column == text_column):
         raise PromptFileError(f"the text column '{text_column}' cannot also be a label or id column")
+    bad_keys = [c for c in label_columns if not re.match(LABEL_KEY_PATTERN, c) or len(c) > 32]
+    if bad_keys:
+        raise PromptFileError(
+            f"label columns {bad_keys[:3]} cannot be trace label keys: use an identifier of up to 32 "
+            "characters and three words (e.g. label, domain, hard_negative)"
+        )
+    if len(label_columns) > MAX_LABELS:
+        raise PromptFileError(f"{len(label_columns)} label columns; a trace carries at most {MAX_LABELS}")
     records, columns = _records(path, text_column)
     wanted = [text_column, *label_columns, *([id_column] if id_column else [])]
     if columns is not None:
@@ -156,10 +163,9 @@ def read_prompts(
             )
         if id_column:
             trace_id = str(record[id_column]).strip()
-            if not _TRACE_ID.match(trace_id):
-                raise PromptFileError(
-                    f"{where}: id column '{id_column}' must hold opaque ids (1-128 letters, digits or ._:-)"
-                )
+            problem = trace_id_problem(trace_id)
+            if problem:
+                raise PromptFileError(f"{where}: id column '{id_column}' must hold opaque ids: {problem}")
         else:
             trace_id = f"{id_prefix}{row:07d}"
         if trace_id in seen_ids:

@@ -1,13 +1,22 @@
 """Detector artifacts: a fitted scikit-learn estimator plus the card that says what it reads.
 
 One zip file holds ``card.json`` (pydantic, versioned) and ``estimator.skops`` (skops, never
-pickle). Loading lists the estimator's types and refuses any outside an allowlist, so a detector
-file from elsewhere cannot run code. The card pins the model, launch model and fingerprint spec
-the detector was trained on; scoring a trace of anything else is refused with a clear message.
+pickle). A detector file may come from elsewhere, so loading it must not run code:
+
+- sizes are read from the zip directories and capped before anything is decompressed (a zip bomb
+  is refused, not inflated);
+- the types skops does not trust by itself must each be on :data:`TRUSTED_TYPES`, an exact list of
+  the few estimator internals RouteScan's detectors use (a prefix such as ``builtins.`` once let a
+  file call ``builtins.eval``);
+- the loaded object must be of one of :data:`ESTIMATOR_TYPES`, the type the card names.
+
+The card pins the model, launch model and fingerprint spec the detector was trained on; scoring a
+trace of anything else is refused with a clear message.
 """
 
 from __future__ import annotations
 
+import io
 import zipfile
 from datetime import UTC, datetime
 from importlib import resources
@@ -16,12 +25,39 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import expit
 
 from routescan.features.fingerprint import Fingerprint, FingerprintMismatch, FingerprintSpec
 from routescan.telemetry.schema import RequestTrace
 
 CARD_SCHEMA: Literal["routescan.detector/1"] = "routescan.detector/1"
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "routescan.detector.")
+# Types skops reports as untrusted in RouteScan's own detectors (checked by a test that saves one
+# of each); anything else in a file is refused by exact name.
+TRUSTED_TYPES = frozenset(
+    {
+        "routescan.detector.invariant.InvariantRiskClassifier",
+        "sklearn.calibration._CalibratedClassifier",
+        "sklearn.calibration._SigmoidCalibration",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    }
+)
+# What a loaded estimator may be (the card's ``estimator_type`` names one).
+ESTIMATOR_TYPES = frozenset(
+    {
+        "sklearn.pipeline.Pipeline",
+        "sklearn.linear_model._logistic.LogisticRegression",
+        "sklearn.calibration.CalibratedClassifierCV",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+        "routescan.detector.invariant.InvariantRiskClassifier",
+    }
+)
+MAX_CARD_BYTES = 1 << 20
+MAX_ESTIMATOR_BYTES = 256 << 20  # uncompressed, all members of the skops archive together
+
+
+def type_name(obj: object) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def default_detector_path() -> Path:
@@ -61,6 +97,9 @@ class DetectorCard(BaseModel):
     operating_points: list[OperatingPoint]
     default_operating_point: str
     estimator: str
+    # The loaded object's exact type; files written before this field load if their type is one of
+    # ESTIMATOR_TYPES.
+    estimator_type: str | None = None
     training_command: str = ""
     corpus: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -147,7 +186,7 @@ class Detector:
             X = X[None, :]
         if self._linear is not None:
             weights, bias = self._linear
-            return 1.0 / (1.0 + np.exp(-(X @ weights + bias)))
+            return expit(X @ weights + bias)
         return self.estimator.predict_proba(X)[:, 1]
 
     def threshold(self, operating_point: str | None = None) -> float:
@@ -160,14 +199,16 @@ class Detector:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
+        card = self.card.model_copy(update={"estimator_type": type_name(self.estimator)})
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("card.json", self.card.model_dump_json(indent=2))
+            zf.writestr("card.json", card.model_dump_json(indent=2))
             zf.writestr("estimator.skops", sio.dumps(self.estimator))
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:
+        """Load a detector file, refusing anything that could run code or exhaust memory."""
         import skops.io as sio
 
         path = Path(path)
@@ -175,13 +216,47 @@ class Detector:
             raise DetectorError(f"{path}: no such detector file")
         try:
             with zipfile.ZipFile(path) as zf:
-                card = DetectorCard.model_validate_json(zf.read("card.json"))
-                blob = zf.read("estimator.skops")
-        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-            raise DetectorError(f"{path}: not a RouteScan detector file ({exc})") from exc
-        untrusted = sio.get_untrusted_types(data=blob)
-        refused = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
+                card_raw = _read_capped(zf, "card.json", MAX_CARD_BYTES)
+                blob = _read_capped(zf, "estimator.skops", MAX_ESTIMATOR_BYTES)
+            card = DetectorCard.model_validate_json(card_raw)
+            with zipfile.ZipFile(io.BytesIO(blob)) as inner:
+                inflated = sum(info.file_size for info in inner.infolist())
+            if inflated > MAX_ESTIMATOR_BYTES:
+                raise DetectorError(
+                    f"estimator.skops inflates to {inflated} bytes, over the {MAX_ESTIMATOR_BYTES}-byte cap"
+                )
+            untrusted = sio.get_untrusted_types(data=blob)
+        except DetectorError as exc:
+            raise DetectorError(f"{path}: {exc}") from None
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise DetectorError(f"{path}: not a RouteScan detector file ({_first_line(exc)})") from None
+        refused = sorted(t for t in untrusted if t not in TRUSTED_TYPES)
         if refused:
-            raise DetectorError(f"{path}: refusing to load types outside the allowlist: {refused}")
-        estimator = sio.loads(blob, trusted=untrusted)
+            raise DetectorError(
+                f"{path}: refusing to load a detector that names types outside the allowlist: "
+                f"{refused[:5]}; a detector file can only hold scikit-learn estimators RouteScan trains"
+            )
+        try:
+            estimator = sio.loads(blob, trusted=sorted(untrusted))
+        except Exception as exc:  # a malformed archive can fail anywhere inside skops
+            raise DetectorError(f"{path}: the estimator could not be read ({_first_line(exc)})") from None
+        loaded = type_name(estimator)
+        expected = card.estimator_type
+        if loaded not in ESTIMATOR_TYPES or (expected is not None and loaded != expected):
+            wanted = expected or "one of RouteScan's estimator types"
+            raise DetectorError(f"{path}: the estimator is a {loaded}, but the card names {wanted}")
+        if not callable(getattr(estimator, "predict_proba", None)):
+            raise DetectorError(f"{path}: the estimator has no predict_proba")
         return cls(estimator, card)
+
+
+def _read_capped(zf: zipfile.ZipFile, name: str, cap: int) -> bytes:
+    info = zf.getinfo(name)  # KeyError names a missing member
+    if info.file_size > cap:
+        raise DetectorError(f"{name} is {info.file_size} bytes, over the {cap}-byte cap")
+    return zf.read(info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else type(exc).__name__) or type(exc).__name__

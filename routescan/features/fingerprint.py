@@ -20,11 +20,12 @@ from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 from routescan.telemetry.schema import (
+    MAX_COUNT,
     LabelKey,
-    LabelValue,
+    Labels,
     ModelId,
     Name,
     Phase,
@@ -129,9 +130,9 @@ class Fingerprint(BaseModel):
     trace_id: TraceId
     model_id: ModelId
     launch_model: Name
-    values: Annotated[list[float], Field(min_length=1, max_length=1_000_000)]
-    row: Annotated[int, Field(ge=0)] | None = None
-    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    values: Annotated[list[Annotated[float, Strict()]], Field(min_length=1, max_length=1_000_000)]
+    row: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
+    labels: Labels = Field(default_factory=dict)
 
     @field_validator("values")
     @classmethod

@@ -7,12 +7,13 @@ plumbing, not science: detection and privacy figures come from the real-weights 
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from routescan.models.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:  # torch and transformers load on first build: the names alone are cheap
+    import torch
+    from transformers import PreTrainedModel
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=ByteTokenizer.VOCAB_SIZE,
@@ -91,6 +92,9 @@ def build_tiny_moe(
     model_type: str, *, seed: int = 0, experts_implementation: str = "eager", **overrides: Any
 ) -> PreTrainedModel:
     """A seeded random-weight MoE causal LM of ``model_type`` (see :func:`tiny_model_types`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if model_type not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for '{model_type}'; choose one of {', '.join(tiny_model_types())}")
     kwargs = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
@@ -114,6 +118,8 @@ def build_tiny_moe(
 def _randomize_routing_buffers(model: torch.nn.Module, seed: int) -> None:
     """DeepSeek-V3 initialises its expert-score correction bias to zeros; give it values so grouped
     top-k is exercised the way a trained model exercises it."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed + 1)
     for module in model.modules():
         bias = getattr(module, "e_score_correction_bias", None)

@@ -49,7 +49,7 @@ class AlertSender:
             self._queue.put_nowait(payload)
             return True
         except queue.Full:
-            self.metrics.inc("routescan_alerts_total", outcome="dropped")
+            self.metrics.alerts.labels(outcome="dropped").inc()
             return False
 
     def close(self, timeout: float = 2.0) -> None:
@@ -78,9 +78,9 @@ class AlertSender:
                 response = client.post(self.url, json=payload)
                 if response.status_code < 500:
                     outcome = "sent" if response.is_success else "failed"
-                    self.metrics.inc("routescan_alerts_total", outcome=outcome)
+                    self.metrics.alerts.labels(outcome=outcome).inc()
                     return
             except httpx.HTTPError as exc:
                 log.debug("webhook attempt %d failed: %s", attempt + 1, type(exc).__name__)
             time.sleep(self.backoff_s * (2**attempt))
-        self.metrics.inc("routescan_alerts_total", outcome="failed")
+        self.metrics.alerts.labels(outcome="failed").inc()

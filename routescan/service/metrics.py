@@ -1,81 +1,84 @@
-"""Prometheus text-format metrics, kept in process (a few counters and one histogram family)."""
+"""Prometheus metrics of one service instance, through prometheus_client (one registry per app).
+
+Names follow prometheus_client's conventions: counters end in ``_total``, the latency histogram is
+in seconds, the loaded detector is an info metric. Store errors and health are read from the store
+when Prometheus scrapes (a custom collector), so the number can never drift from the store's own.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from routescan.service.store import StoreHealth
+
+# ``*_created`` series double the exposition and no dashboard of ours reads them
+disable_created_metrics()
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-_HELP = {
-    "routescan_requests_total": ("counter", "HTTP requests by endpoint and status code."),
-    "routescan_request_seconds": ("histogram", "Request latency by endpoint."),
-    "routescan_scored_total": ("counter", "Requests scored, by model id and label."),
-    "routescan_flagged_total": ("counter", "Requests flagged, by model id."),
-    "routescan_store_errors_total": ("counter", "Audit store read / write failures."),
-    "routescan_alerts_total": ("counter", "Webhook alerts by outcome (sent, failed, dropped)."),
-    "routescan_detector_info": ("gauge", "The loaded detector (value 1)."),
-}
 
+class StoreCollector(Collector):
+    """``routescan_store_errors_total`` and ``routescan_store_up``, read at scrape time."""
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in sorted(labels.items())
-    )
-    return "{" + body + "}"
+    def __init__(self, health: Callable[[], StoreHealth | None]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[Metric]:
+        health = self._health()
+        yield CounterMetricFamily(
+            "routescan_store_errors",
+            "Audit store read / write / purge failures.",
+            value=health.errors if health is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "routescan_store_up",
+            "1 when the audit store accepts writes.",
+            value=int(health is not None and health.ready),
+        )
 
 
 class Metrics:
+    """The service's metrics, registered in their own registry (tests build many apps)."""
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
-        self._hist: dict[tuple, list[float]] = {}
-        self._gauges: dict[str, dict[tuple, float]] = defaultdict(dict)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "routescan_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "routescan_request_seconds",
+            "Request latency by endpoint.",
+            ["endpoint"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.scored = Counter(
+            "routescan_scored",
+            "Requests scored, by model id and label.",
+            ["model_id", "label"],
+            registry=self.registry,
+        )
+        self.flagged = Counter(
+            "routescan_flagged", "Requests flagged, by model id.", ["model_id"], registry=self.registry
+        )
+        self.alerts = Counter(
+            "routescan_alerts",
+            "Webhook alerts by outcome (sent, failed, dropped).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.detector = Info("routescan_detector", "The loaded detector.", registry=self.registry)
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._counters[name][key] += amount
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._gauges[name][tuple(sorted(labels.items()))] = value
-
-    def observe(self, name: str, seconds: float, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            counts = self._hist.setdefault(key, [0.0] * (len(BUCKETS) + 2))  # buckets..., count, sum
-            for i, edge in enumerate(BUCKETS):
-                if seconds <= edge:
-                    counts[i] += 1
-            counts[-2] += 1
-            counts[-1] += seconds
+    def watch_store(self, health: Callable[[], StoreHealth | None]) -> None:
+        self.registry.register(StoreCollector(health))
 
     def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
-
-    def render(self) -> str:
-        lines: list[str] = []
-        with self._lock:
-            names = sorted(set(self._counters) | set(self._gauges) | {k[0] for k in self._hist} | set(_HELP))
-            for name in names:
-                kind, text = _HELP.get(name, ("untyped", name))
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                for key, value in sorted(self._counters.get(name, {}).items()):
-                    lines.append(f"{name}{_labels(dict(key))} {value:g}")
-                for key, value in sorted(self._gauges.get(name, {}).items()):
-                    lines.append(f"{name}{_labels(dict(key))} {value:g}")
-                for (hname, key), counts in sorted(self._hist.items()):
-                    if hname != name:
-                        continue
-                    labels = dict(key)
-                    for edge, count in zip(BUCKETS, counts, strict=False):
-                        lines.append(f"{name}_bucket{_labels({**labels, 'le': f'{edge:g}'})} {count:g}")
-                    lines.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {counts[-2]:g}")
-                    lines.append(f"{name}_count{_labels(labels)} {counts[-2]:g}")
-                    lines.append(f"{name}_sum{_labels(labels)} {counts[-1]:.6f}")
-        return "\n".join(lines) + "\n"
+        """One sample's value (0 when absent), e.g. ``value("routescan_alerts_total", outcome="sent")``."""
+        return self.registry.get_sample_value(name, labels) or 0.0

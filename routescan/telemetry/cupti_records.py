@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from routescan.telemetry.schema import KernelLaunch, Phase, Region
+from routescan.telemetry.schema import KernelLaunch, Phase, Region, clean_kernel_name
 
 EXTERNAL_KIND = "CUSTOM2"
 _GEMM = re.compile(r"gemm|gemv|cutlass|matmul|sm\d+_xmma|cublas|ampere_|hopper_|volta_|turing_", re.I)
@@ -213,6 +213,4 @@ def _split_loop(tag: RegionTag, kernels: Sequence[KernelRecord], stats: Attribut
 
 
 def _kernel_name(name: str) -> str:
-    """Demangled C++ names may hold characters the schema refuses: replace them, cap the length."""
-    clean = re.sub(r"[^A-Za-z0-9_.:<>,()\[\]*&~ +\-]", "_", name)[:512].strip()
-    return clean or "kernel"
+    return clean_kernel_name(name)

@@ -53,6 +53,21 @@ PARQUET_SCHEMA = pa.schema(
 )
 
 
+# Columns a trace cannot do without (the rest are optional in the schema).
+_REQUIRED_COLUMNS = frozenset(
+    {
+        "trace_id",
+        "model_id",
+        "collector",
+        "launch_model",
+        "layers",
+        "experts_per_layer",
+        "prompt_tokens",
+        "launches",
+    }
+)
+
+
 class TraceFileError(ValueError):
     """A trace file could not be read: names the file and the 1-based row."""
 
@@ -121,8 +136,16 @@ def iter_trace_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, Request
         raise TraceFileError(path, None, "no such file")
     fmt = trace_format(path)
     if fmt == "jsonl":
-        with path.open("r", encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
+        # bytes, decoded per line: one Latin-1 or binary row is that row's error, not the file's
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, TraceFileError(path, number, f"not UTF-8 text (byte {exc.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -135,13 +158,21 @@ def iter_trace_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, Request
         except (pa.ArrowInvalid, OSError) as exc:
             raise TraceFileError(path, None, f"not a readable Parquet file ({exc})") from exc
         extra = set(table.column_names) - set(PARQUET_SCHEMA.names)
+        missing = sorted(_REQUIRED_COLUMNS - set(table.column_names))
+        if missing:
+            raise TraceFileError(
+                path,
+                None,
+                f"not a RouteScan trace file: columns {missing} are missing (write it with "
+                "`routescan collect` or routescan.telemetry.io.write_traces)",
+            )
         for number, row in enumerate(table.to_pylist(), start=1):
             if extra:
                 yield number, TraceFileError(path, number, f"unknown columns {sorted(extra)} are not allowed")
                 continue
             try:
                 yield number, RequestTrace.model_validate(_from_row(row))
-            except (ValidationError, ValueError) as exc:
+            except (ValidationError, ValueError, TypeError) as exc:
                 yield number, TraceFileError(path, number, _short(exc))
 
 

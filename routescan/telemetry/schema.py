@@ -10,29 +10,150 @@ per-request aggregates, because per-token routing is known to leak most of the p
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 SCHEMA_VERSION: Literal["routescan.trace/1"] = "routescan.trace/1"
 
-# Identifiers: no whitespace, so a sentence cannot hide in them.
-TRACE_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+# Bounds from what hardware and serving engines can produce, so no value can overflow a float64
+# downstream (a 10**310 integer once crashed featurising) and a hostile trace stays cheap to check.
+MAX_COUNT = 2**53 - 1  # threads / token-slots: exact in float64; far above any prefill's launches
+MAX_BLOCK = 1024  # CUDA's threads-per-block limit (every dimension of a block is within it)
+MAX_PROMPT_TOKENS = 2**24  # 16.7M tokens: above the longest context any serving engine takes
+MAX_LAYERS = 1024
+MAX_EXPERTS = 65_536
+MAX_TOP_K = 1024
+MAX_LAUNCHES = 131_072  # a per-kernel trace of a 58-layer x 256-expert MoE is ~90k launches
+MAX_LABELS = 16
+MAX_NS = 2**63 - 1
+
+Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
+
+# Identifiers are opaque tokens, never text. The character set keeps whitespace out; the segment
+# rules below keep sentences ("how-to-pick-the-lock") and encoded text (base64url) out too. What
+# collectors really emit passes: corpus ids (h-00012, w-h-00012-3fa9c2d1, x0-harmbench-00012),
+# row-0000001, vLLM / OpenAI request ids (chatcmpl-<32 hex>[-<hex suffix>]) and UUIDs.
+TRACE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,95}$"
+_ID_SEGMENT = re.compile(r"[._:\-]")
+_HEX = re.compile(r"^[0-9A-Fa-f]+$")
+_MAX_ID_SEGMENTS = 8
+_MAX_ID_WORDS = 3
+_MAX_OPAQUE_SEGMENT = 12
+
+
+def trace_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a trace id (None when it can). The message never quotes the value."""
+    if not re.match(TRACE_ID_PATTERN, value):
+        return "ids are 1-96 letters, digits or . _ : - (starting with a letter or digit)"
+    segments = [s for s in _ID_SEGMENT.split(value) if s]
+    if len(segments) > _MAX_ID_SEGMENTS:
+        return f"ids have at most {_MAX_ID_SEGMENTS} segments between . _ : -"
+    words = [s for s in segments if s.isalpha() and len(s) > 1]
+    if len(words) > _MAX_ID_WORDS:
+        return f"ids carry at most {_MAX_ID_WORDS} alphabetic words (a sentence is not an id)"
+    for s in segments:
+        mixed = not s.isalpha() and not s.isdigit()
+        if mixed and len(s) > _MAX_OPAQUE_SEGMENT and not _HEX.match(s):
+            return (
+                f"long opaque id segments must be hexadecimal (uuid, hash); a mixed segment over "
+                f"{_MAX_OPAQUE_SEGMENT} characters looks like encoded text"
+            )
+    return None
+
+
+def _check_trace_id(value: str) -> str:
+    problem = trace_id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+TraceId = Annotated[str, Strict(), AfterValidator(_check_trace_id)]
 LABEL_TOKEN_PATTERN = r"^[A-Za-z0-9._:/+\-]{0,64}$"
-TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN)]
 # Model ids look like "HuggingFaceTB/SmolLM2-135M-Instruct" or "tiny-mixtral-seed0".
-ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@+\-]{1,200}$")]
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,64}$")]
-# Kernel names come from launch models or CUPTI (demangled C++), never from a request. C++ symbols
-# contain spaces ("void at::native::..."), so the guard here is the character set and the length.
-KernelName = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9_.:<>,()\[\]*&~ +\-]{1,512}$", strip_whitespace=False)
-]
+ModelId = Annotated[str, Strict(), StringConstraints(pattern=r"^[A-Za-z0-9._:/@+\-]{1,200}$")]
+Name = Annotated[str, Strict(), StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,64}$")]
+
+# Kernel names come from launch models (snake_case) or CUPTI (C++ symbols, cleaned by the
+# collector). C++ puts a space between two words only around type keywords ("void f",
+# "unsigned int", "(anonymous namespace)", "float const*"), so any other pair of words is prose.
+KERNEL_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:<>,()\[\]*&~ +\-]{0,255}$"
+_CPP_WORDS = frozenset(
+    [
+        "void",
+        "unsigned",
+        "signed",
+        "long",
+        "short",
+        "int",
+        "char",
+        "float",
+        "double",
+        "bool",
+        "const",
+        "volatile",
+        "struct",
+        "class",
+        "enum",
+        "union",
+        "anonymous",
+        "namespace",
+        "typename",
+        "operator",
+        "half",
+    ]
+)
+_WORD_PAIR = re.compile(r"([A-Za-z_]\w*) +(?=([A-Za-z_]\w*))")
+
+
+def kernel_name_problem(value: str) -> str | None:
+    if not re.match(KERNEL_NAME_PATTERN, value):
+        return "kernel names are 1-256 characters of a C++ symbol or identifier"
+    for first, second in _WORD_PAIR.findall(value):
+        if first not in _CPP_WORDS and second not in _CPP_WORDS:
+            return "kernel names hold symbols, not prose (two plain words in a row)"
+    return None
+
+
+def clean_kernel_name(raw: str) -> str:
+    """A raw CUPTI name in the form the schema takes: refused characters become ``_``, the length is
+    capped, and a space between two words that C++ would not separate with one becomes ``_``."""
+    clean = re.sub(r"[^A-Za-z0-9_.:<>,()\[\]*&~ +\-]", "_", raw)[:256].strip()
+    clean = re.sub(r"^[^A-Za-z_]+", "", clean)
+
+    def join(match: re.Match[str]) -> str:
+        first, second = match.group(1), match.group(2)
+        keep = first in _CPP_WORDS or second in _CPP_WORDS
+        return first + (" " if keep else "_")
+
+    return _WORD_PAIR.sub(join, clean) or "kernel"
+
+
+def _check_kernel_name(value: str) -> str:
+    problem = kernel_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+KernelName = Annotated[str, Strict(), AfterValidator(_check_kernel_name)]
 # Label values carried through from the prompt file (label, domain, wrapper family...). Short
 # tokens or numbers only: a prompt is rejected here even if it was configured as a label column.
-LabelValue = Annotated[str, StringConstraints(pattern=LABEL_TOKEN_PATTERN)] | int | float | bool | None
-LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+LabelValue = (
+    Annotated[str, Strict(), StringConstraints(pattern=LABEL_TOKEN_PATTERN)]
+    | Annotated[int, Strict(), Field(ge=-MAX_COUNT, le=MAX_COUNT)]
+    | Annotated[float, Strict(), Field(allow_inf_nan=False)]
+    | bool
+    | None
+)
+# Label keys are column names an operator chose (label, domain, hard_negative): an identifier of
+# at most three words.
+LABEL_KEY_PATTERN = r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+){0,2}$"
+LabelKey = Annotated[str, Strict(), StringConstraints(pattern=LABEL_KEY_PATTERN, max_length=32)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
 
 
 class Phase(StrEnum):
@@ -60,22 +181,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
 
-Dim3 = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+Dim3 = tuple[Count, Count, Count]
+BlockDim = tuple[
+    Annotated[int, Strict(), Field(ge=0, le=MAX_BLOCK)],
+    Annotated[int, Strict(), Field(ge=0, le=MAX_BLOCK)],
+    Annotated[int, Strict(), Field(ge=0, le=MAX_BLOCK)],
+]
+Index = Annotated[int, Strict(), Field(ge=0, le=MAX_EXPERTS)]
+Nanos = Annotated[int, Strict(), Field(ge=0, le=MAX_NS)]
 
 
 class KernelLaunch(_Strict):
     """One kernel launch (or, for the ``router`` source, one per-expert token count)."""
 
     kernel: KernelName
-    layer: Annotated[int, Field(ge=0)] | None = None
-    expert: Annotated[int, Field(ge=0)] | None = None
+    layer: Index | None = None
+    expert: Index | None = None
     region: Region = Region.expert
     grid: Dim3
-    block: Dim3
-    threads: Annotated[int, Field(ge=0)]
+    block: BlockDim
+    threads: Count
     phase: Phase = Phase.prefill
-    start_ns: Annotated[int, Field(ge=0)] | None = None
-    end_ns: Annotated[int, Field(ge=0)] | None = None
+    start_ns: Nanos | None = None
+    end_ns: Nanos | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> KernelLaunch:
@@ -100,13 +228,18 @@ class RequestTrace(_Strict):
     collector: Name
     launch_model: Name
     unit: Unit = Unit.threads
-    layers: list[Annotated[int, Field(ge=0)]]
-    experts_per_layer: list[Annotated[int, Field(ge=1)]]
-    top_k: list[Annotated[int, Field(ge=1)]] | None = None
-    prompt_tokens: Annotated[int, Field(ge=1)]
-    launches: list[KernelLaunch]
-    row: Annotated[int, Field(ge=0)] | None = None
-    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    layers: Annotated[list[Index], Field(max_length=MAX_LAYERS)]
+    experts_per_layer: Annotated[
+        list[Annotated[int, Strict(), Field(ge=1, le=MAX_EXPERTS)]], Field(max_length=MAX_LAYERS)
+    ]
+    top_k: (
+        Annotated[list[Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K)]], Field(max_length=MAX_LAYERS)]
+        | None
+    ) = None
+    prompt_tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_PROMPT_TOKENS)]
+    launches: Annotated[list[KernelLaunch], Field(max_length=MAX_LAUNCHES)]
+    row: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
+    labels: Labels = Field(default_factory=dict)
     experts_implementation: Name | None = None
 
     @model_validator(mode="after")

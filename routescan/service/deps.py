@@ -1,0 +1,97 @@
+"""Typed FastAPI dependencies: the running service, the settings, auth and the request body.
+
+Auth is a dependency of every private router, and FastAPI resolves router dependencies before the
+body dependency, so a request without the token is refused before a byte of its body is read.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from routescan.service.metrics import Metrics
+from routescan.service.scoring import ScoringService
+from routescan.service.settings import ServiceSettings
+from routescan.service.store import AuditStore
+
+JSON_TYPES = ("application/json",)
+
+
+@dataclass
+class Runtime:
+    """What the lifespan opened: set on ``app.state.runtime`` once the service can score."""
+
+    service: ScoringService
+    store: AuditStore
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise HTTPException(503, "the detector is not loaded yet")
+    return runtime
+
+
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_service(runtime: RuntimeDep) -> ScoringService:
+    return runtime.service
+
+
+def get_store(runtime: RuntimeDep) -> AuditStore:
+    return runtime.store
+
+
+ServiceDep = Annotated[ScoringService, Depends(get_service)]
+StoreDep = Annotated[AuditStore, Depends(get_store)]
+
+
+async def require_token(request: Request, settings: SettingsDep) -> None:
+    token = settings.token()
+    if token is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value or not secrets.compare_digest(value.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+Authorized = Depends(require_token)
+
+
+async def read_json_body(request: Request, settings: SettingsDep) -> bytes:
+    """The body, when it is JSON and within ``max_body_bytes`` (checked by header and by bytes read)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise HTTPException(
+            415, f"send the body as {' or '.join(JSON_TYPES)} (Content-Type header); other types are refused"
+        )
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body over the {limit}-byte limit (max_body_bytes)")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body over the {limit}-byte limit (max_body_bytes)")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+JsonBody = Annotated[bytes, Depends(read_json_body)]

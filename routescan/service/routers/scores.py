@@ -1,0 +1,49 @@
+"""``POST /v1/score`` and ``POST /v1/score/batch``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from routescan.service.deps import Authorized, JsonBody, ServiceDep
+from routescan.service.schemas import BatchRequest, BatchResult, ScoreRequest, ScoreResult
+
+router = APIRouter(prefix="/v1", tags=["scores"], dependencies=[Authorized])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or wrong bearer token"},
+    409: {"description": "input of another model / launch model / fingerprint spec"},
+    413: {"description": "body over max_body_bytes, or more items than max_batch"},
+    415: {"description": "not application/json"},
+    422: {"description": "invalid, empty or out-of-range input (the field is named, never echoed)"},
+    503: {"description": "the audit store could not record the score; it was not acknowledged"},
+}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    # the body is read and validated by hand (JsonBody, then pydantic-core on the raw bytes), so
+    # the OpenAPI request body is declared here
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+@router.post("/score", response_model=ScoreResult, responses=_ERRORS, openapi_extra=_json_body(ScoreRequest))
+async def score_one(body: JsonBody, service: ServiceDep) -> ScoreResult:
+    """Score one trace or fingerprint; the result is in the audit log before it is returned."""
+    results, _ = await service.score(body, batch=False)
+    return results[0]
+
+
+@router.post(
+    "/score/batch", response_model=BatchResult, responses=_ERRORS, openapi_extra=_json_body(BatchRequest)
+)
+async def score_batch(body: JsonBody, service: ServiceDep) -> BatchResult:
+    """Score up to ``max_batch`` items in one call (one model pass, one audit transaction)."""
+    results, latency = await service.score(body, batch=True)
+    return BatchResult(
+        results=results, flagged=sum(r.label == "flagged" for r in results), latency_ms=latency
+    )
+
+
+BODY_MODELS = (ScoreRequest, BatchRequest)

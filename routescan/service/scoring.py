@@ -1,0 +1,153 @@
+"""The daemon's scoring path: parse -> check -> featurise -> score (CPU, off the event loop when the
+body is large) -> record in the audit store -> acknowledge, count, alert.
+
+Validation errors keep their field path and reason and drop their input value, since a refused
+value may be the very text being refused; a refused key is shown only when it is a short
+identifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from routescan.detector.scoring import Scored, Scorer
+from routescan.service.alerts import AlertSender
+from routescan.service.metrics import Metrics
+from routescan.service.schemas import BatchRequest, ScoreRequest, ScoreResult
+from routescan.service.settings import ServiceSettings
+from routescan.service.store import AuditRecord, AuditStore
+
+M = TypeVar("M", bound=BaseModel)
+MAX_ERRORS = 20
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+
+
+class BatchTooLarge(ValueError):
+    """More items than ``max_batch``."""
+
+
+def safe_loc(loc: Sequence[Any]) -> list[str | int]:
+    """A validation error's location with refused keys masked: a dict key that failed its own
+    pattern (pydantic marks it with a following ``[key]``) always, any other key unless it is a
+    short identifier (field names such as ``prompt`` stay readable)."""
+    out: list[str | int] = []
+    parts = list(loc)
+    for i, part in enumerate(parts):
+        refused_key = i + 1 < len(parts) and parts[i + 1] == "[key]"
+        if isinstance(part, int):
+            out.append(part)
+        elif _SAFE_KEY.match(str(part)) and not refused_key:
+            out.append(str(part))
+        else:
+            out.append(f"<refused key of {len(str(part))} characters>")
+    return out
+
+
+def why(error: dict[str, Any]) -> dict[str, Any]:
+    """A validation error without its input value."""
+    loc = safe_loc(error.get("loc", ()))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        msg = (
+            f"unknown field '{loc[-1] if loc else '?'}' is not accepted: RouteScan takes telemetry "
+            "(traces or fingerprints) only, never text or other fields"
+        )
+    elif kind == "json_invalid":
+        msg = "the body is not valid JSON"
+    else:
+        msg = str(error.get("msg", "invalid value"))
+    return {"loc": loc, "type": kind, "msg": msg}
+
+
+def refused(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> RequestValidationError:
+    """The first :data:`MAX_ERRORS` errors, sanitised (a flood of unknown fields stays cheap to answer)."""
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)[:MAX_ERRORS]
+    return RequestValidationError([why({**e, "loc": (*prefix, *e["loc"])}) for e in errors])
+
+
+def parse(body: bytes, model: type[M]) -> M:
+    """Validate a raw JSON body in pydantic-core (Rust parsing, no Python dict in between)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise refused(exc) from None
+
+
+class ScoringService:
+    """A scorer, the audit store it records into, its metrics and alerts."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        store: AuditStore,
+        metrics: Metrics,
+        settings: ServiceSettings,
+        alerts: AlertSender | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings
+        self.alerts = alerts
+        self._limiter = anyio.CapacityLimiter(settings.parse_threads)
+
+    def evaluate(self, body: bytes, batch: bool) -> list[Scored]:
+        """CPU work of one request: parse, check, featurise, score."""
+        items: list[ScoreRequest]
+        if batch:
+            items = parse(body, BatchRequest).items
+            if len(items) > self.settings.max_batch:
+                raise BatchTooLarge(f"{len(items)} items, over max_batch={self.settings.max_batch}")
+        else:
+            items = [parse(body, ScoreRequest)]
+        inputs = [i.trace if i.trace is not None else i.fingerprint for i in items]
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite score is refused, not warned
+            return self.scorer.score(inputs)  # type: ignore[arg-type]
+
+    async def score(self, body: bytes, *, batch: bool) -> tuple[list[ScoreResult], float]:
+        """Score a request body and record every result before acknowledging any."""
+        start = time.perf_counter()
+        if len(body) <= self.settings.inline_parse_bytes:
+            scored = self.evaluate(body, batch)
+        else:  # a big body would hold the event loop (and every probe) for its whole parse
+            scored = await anyio.to_thread.run_sync(self.evaluate, body, batch, limiter=self._limiter)
+        card, point, now = self.scorer.card, self.scorer.point, time.time()
+        records = [
+            AuditRecord(
+                s.trace_id, s.model_id, s.score, s.label, card.detector_id, card.version, point.name, now
+            )
+            for s in scored
+        ]
+        await asyncio.wrap_future(self.store.submit(records))  # acknowledged only once committed
+        latency_ms = (time.perf_counter() - start) * 1e3
+        results = [
+            ScoreResult(
+                trace_id=s.trace_id,
+                model_id=s.model_id,
+                score=s.score,
+                label=s.label,
+                threshold=point.threshold,
+                operating_point=point.name,
+                detector_id=card.detector_id,
+                detector_version=card.version,
+                demo_detector=card.demo,
+                latency_ms=latency_ms,
+            )
+            for s in scored
+        ]
+        for result in results:
+            self.metrics.scored.labels(model_id=result.model_id, label=result.label).inc()
+            if result.label == "flagged":
+                self.metrics.flagged.labels(model_id=result.model_id).inc()
+                if self.alerts is not None:
+                    self.alerts.send(result.model_dump(mode="json"))
+        return results, latency_ms
