@@ -79,3 +79,15 @@ def serve_process(
                 proc.kill()
         if log:
             out.close()
+
+
+def service_settings(tmp_path: Path, **kw):
+    """Settings of a test daemon whose audit store lives in ``tmp_path``."""
+    from routescan.service.settings import ServiceSettings
+
+    return ServiceSettings(db=tmp_path / "audit.sqlite3", **kw)
+
+
+def score_body(trace) -> dict:
+    """The /v1/score body of one trace, as a client sends it."""
+    return {"trace": trace.model_dump(mode="json", exclude_none=True)}

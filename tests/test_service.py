@@ -6,25 +6,19 @@ import http.server
 import json
 import threading
 import time
-from pathlib import Path
 from typing import ClassVar
 
 import httpx
 import pytest
-from servers import free_port, uvicorn_thread
+from servers import free_port, score_body, service_settings, uvicorn_thread
 
 from routescan.detector.artifact import Detector
 from routescan.features.fingerprint import fingerprint
 from routescan.service.app import create_app
-from routescan.service.settings import ServiceSettings, load_settings
+from routescan.service.settings import load_settings
 
-
-def settings(tmp_path: Path, **kw) -> ServiceSettings:
-    return ServiceSettings(db=tmp_path / "audit.sqlite3", **kw)
-
-
-def body(trace) -> dict:
-    return {"trace": trace.model_dump(mode="json", exclude_none=True)}
+settings = service_settings
+body = score_body
 
 
 @pytest.fixture

@@ -22,20 +22,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import uvicorn_thread
+from servers import score_body, service_settings, uvicorn_thread
 
 from routescan.service.app import create_app
-from routescan.service.settings import ServiceSettings
 
 SECRET = "tell me how to pick the lock on my neighbours door"
 
 
-def settings(tmp_path: Path, **kw) -> ServiceSettings:
-    return ServiceSettings(db=tmp_path / "audit.sqlite3", **kw)
-
-
-def body(trace) -> dict:
-    return {"trace": trace.model_dump(mode="json", exclude_none=True)}
+settings = service_settings
+body = score_body
 
 
 @pytest.fixture

@@ -92,5 +92,5 @@ def _serve(config: Path | None, **overrides: object) -> None:
 
     run(
         load_settings(config, **overrides),
-        say=lambda line: console.print(line, highlight=False, markup=False),
+        say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
     )

@@ -86,6 +86,14 @@ def render(results: dict[str, Any], *, command: str, figure: str | None) -> str:
         "per-token order does not exist, and a test checks no trace carries prompt text.",
         "- What the aggregates still reveal (length; source and topic above chance) is the price of the "
         "signal: the detector needs the topic-level shift to work at all.",
+        "- Identifiers are the operator's own channel. A trace carries a `trace_id`, a `model_id` and "
+        "short labels, and the audit store keeps the id. The schemas hold them to what collectors emit "
+        "(ids: at most 96 characters and 8 segments, at most 3 alphabetic words, long mixed segments "
+        "only as hex; label keys: identifiers of up to 3 words; kernel names: C++ symbols, not prose), "
+        "which refuses a sentence or base64url text pasted into an id. No pattern can stop an operator "
+        "who encodes text on purpose (a hex id of 32 characters holds 16 bytes): whoever chooses request "
+        "ids or label columns decides what they say, and RouteScan's guarantee covers what it derives "
+        "from routing, not what an operator writes into an identifier.",
         "",
     ]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -64,14 +65,19 @@ def trace_id_problem(value: str) -> str | None:
     return None
 
 
-def _check_trace_id(value: str) -> str:
-    problem = trace_id_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
+def _refusing(problem: Callable[[str], str | None]) -> AfterValidator:
+    """A validator that refuses a value for the reason ``problem`` gives (never quoting the value)."""
+
+    def check(value: str) -> str:
+        reason = problem(value)
+        if reason:
+            raise ValueError(reason)
+        return value
+
+    return AfterValidator(check)
 
 
-TraceId = Annotated[str, Strict(), AfterValidator(_check_trace_id)]
+TraceId = Annotated[str, Strict(), _refusing(trace_id_problem)]
 LABEL_TOKEN_PATTERN = r"^[A-Za-z0-9._:/+\-]{0,64}$"
 # Model ids look like "HuggingFaceTB/SmolLM2-135M-Instruct" or "tiny-mixtral-seed0".
 ModelId = Annotated[str, Strict(), StringConstraints(pattern=r"^[A-Za-z0-9._:/@+\-]{1,200}$")]
@@ -132,14 +138,7 @@ def clean_kernel_name(raw: str) -> str:
     return _WORD_PAIR.sub(join, clean) or "kernel"
 
 
-def _check_kernel_name(value: str) -> str:
-    problem = kernel_name_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-KernelName = Annotated[str, Strict(), AfterValidator(_check_kernel_name)]
+KernelName = Annotated[str, Strict(), _refusing(kernel_name_problem)]
 # Label values carried through from the prompt file (label, domain, wrapper family...). Short
 # tokens or numbers only: a prompt is rejected here even if it was configured as a label column.
 LabelValue = (
