@@ -348,7 +348,9 @@ def test_a_big_request_does_not_block_probes(tmp_path, test_detector, synthetic_
         r = httpx.post(
             f"{base}/v1/score", content=flood, headers={"content-type": "application/json"}, timeout=60
         )
-        assert r.status_code == 422 and len(r.json()["detail"]) <= 20
+        assert (
+            r.status_code == 422 and "200000 fields" in r.text
+        )  # refused before pydantic builds 200k errors
 
         too_many = body(synthetic_traces[0])
         too_many["trace"]["launches"] = [launches[0]] * 140_000

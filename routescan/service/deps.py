@@ -18,6 +18,8 @@ from routescan.service.settings import ServiceSettings
 from routescan.service.store import AuditStore
 
 JSON_TYPES = ("application/json",)
+# Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency on a worker thread,
+# a hop that costs more than the work of these lookups.
 
 
 @dataclass
@@ -28,15 +30,15 @@ class Runtime:
     store: AuditStore
 
 
-def get_settings(request: Request) -> ServiceSettings:
+async def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise HTTPException(503, "the detector is not loaded yet")
@@ -48,11 +50,11 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_service(runtime: RuntimeDep) -> ScoringService:
+async def get_service(runtime: RuntimeDep) -> ScoringService:
     return runtime.service
 
 
-def get_store(runtime: RuntimeDep) -> AuditStore:
+async def get_store(runtime: RuntimeDep) -> AuditStore:
     return runtime.store
 
 
