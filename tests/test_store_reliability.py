@@ -107,3 +107,28 @@ def test_an_unusable_database_is_one_clear_line_at_start(tmp_path) -> None:
         text = " ".join(result.output.split())
         assert f"cannot open the audit store {path}" in text and "--db" in text
         assert "Traceback" not in result.output
+
+
+def test_readyz_reflects_a_stopped_writer_and_a_failing_commit(tmp_path, test_detector) -> None:
+    db = tmp_path / "audit.sqlite3"
+    app = create_app(ServiceSettings(db=db), detector=test_detector)
+    with uvicorn_thread(app) as base:
+        store = app.state.runtime.store
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        store.busy_timeout_s = 0.2
+        store._writer.execute("PRAGMA busy_timeout=200")  # the test's lock should not wait 30 s
+        with pytest.raises(StoreError):
+            store.write([record("r-1")])
+        assert store.health().last_commit_failed
+        assert httpx.get(f"{base}/readyz").status_code == 503, "a store that cannot commit is not ready"
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert httpx.get(f"{base}/readyz").status_code == 200, "ready again once a write commits"
+        assert not store.health().last_commit_failed
+
+        store._queue.put(None)  # the writer's stop signal: the thread ends as if it had died
+        store._thread.join(timeout=10)
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 503 and ready.json()["store"]["writer_alive"] is False
+        assert "writer" in ready.json()["reason"]

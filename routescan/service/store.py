@@ -340,13 +340,22 @@ class AuditStore:
         return (stat.st_dev, stat.st_ino) == self._identity
 
     def writable(self) -> bool:
+        """Whether a write would commit now. After a failed commit the probe commits a real write
+        (a full disk or an I/O error shows only then); otherwise taking the write lock suffices."""
         if self._thread is None or not self._thread.is_alive() or not self._same_file():
             return False
         try:
             probe = _connect(self.path, busy_timeout_s=min(self.busy_timeout_s, 1.0))
             try:
                 probe.execute("BEGIN IMMEDIATE")
-                probe.execute("ROLLBACK")
+                if self._failing:
+                    probe.execute("CREATE TABLE IF NOT EXISTS write_probe (at REAL)")
+                    probe.execute("INSERT INTO write_probe VALUES (?)", (time.time(),))
+                    probe.execute("DELETE FROM write_probe")
+                    probe.execute("COMMIT")
+                    self._failing = False
+                else:
+                    probe.execute("ROLLBACK")
             finally:
                 probe.close()
             return True
