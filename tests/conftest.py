@@ -100,3 +100,40 @@ def save_word_tokenizer(path) -> None:
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     fast.save_pretrained(path)
+
+
+def _postgres_required() -> bool:
+    import os
+
+    return os.environ.get("ROUTESCAN_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the server the machine runs, dropped afterwards.
+
+    Without a server the test skips with a loud reason; with ROUTESCAN_REQUIRE_POSTGRES=1 (set by
+    .ci/run) that skip is a failure, so CI cannot pass without having run these tests.
+    """
+    import os
+    import uuid
+
+    admin = os.environ.get("ROUTESCAN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        import psycopg
+
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=3)
+    except Exception as exc:
+        message = f"PostgreSQL NOT TESTED: no server at {admin} ({type(exc).__name__}: {exc})"
+        if _postgres_required():
+            pytest.fail(message + "; ROUTESCAN_REQUIRE_POSTGRES=1 makes this a failure")
+        pytest.skip(message)
+    name = f"routescan_test_{uuid.uuid4().hex[:12]}"
+    with conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

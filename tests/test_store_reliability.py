@@ -12,7 +12,7 @@ from servers import uvicorn_thread
 
 from routescan.service.app import create_app
 from routescan.service.settings import ServiceSettings
-from routescan.service.store import AuditRecord, AuditStore, StoreError
+from routescan.service.store import AuditRecord, SQLiteAuditStore, StoreError
 
 
 def record(trace_id: str, label: str = "ok") -> AuditRecord:
@@ -20,7 +20,7 @@ def record(trace_id: str, label: str = "ok") -> AuditRecord:
 
 
 def test_one_refused_request_fails_alone_in_a_group_commit(tmp_path) -> None:
-    store = AuditStore(tmp_path / "a.db", commit_window_s=0.3).open()
+    store = SQLiteAuditStore(tmp_path / "a.db", commit_window_s=0.3).open()
     try:
         good = store.submit([record("r-1")])
         bad = store.submit([record("r-2", label="maybe")])  # the table's CHECK refuses it
@@ -41,7 +41,7 @@ def test_a_non_finite_score_never_reaches_the_store() -> None:
 
 def test_the_writer_survives_a_locked_purge_and_a_cancelled_waiter(tmp_path, caplog) -> None:
     path = tmp_path / "a.db"
-    store = AuditStore(path, commit_window_s=0.2, busy_timeout_s=0.2, purge_interval_s=0).open()
+    store = SQLiteAuditStore(path, commit_window_s=0.2, busy_timeout_s=0.2, purge_interval_s=0).open()
     try:
         cancelled = store.submit([record("gone")])
         assert cancelled.cancel(), "the writer had already taken it"
@@ -98,7 +98,7 @@ def test_an_unusable_database_is_one_clear_line_at_start(tmp_path) -> None:
     cases = [not_a_db, blocked]
     if __import__("os").geteuid() != 0:  # root writes through file modes; others meet a real read-only file
         readonly = tmp_path / "ro.sqlite3"
-        AuditStore(readonly).open().close()
+        SQLiteAuditStore(readonly).open().close()
         readonly.chmod(0o444)
         cases.append(readonly)
     for path in cases:

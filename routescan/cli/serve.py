@@ -52,6 +52,14 @@ def serve(
         Path | None,
         typer.Option(help="SQLite audit store (default: in the user data directory).", show_default=False),
     ] = None,
+    audit_store: Annotated[
+        str | None,
+        typer.Option(
+            help="A postgresql:// URL: one audit store that every daemon of a fleet writes to (needs "
+            "routescan[postgres]); default the SQLite file --db. Or set ROUTESCAN_AUDIT_STORE.",
+            show_default=False,
+        ),
+    ] = None,
     token_file: Annotated[
         Path | None,
         typer.Option(help="File holding the bearer token (or set ROUTESCAN_API_TOKEN).", show_default=False),
@@ -81,6 +89,7 @@ def serve(
         detector=detector,
         operating_point=operating_point,
         db=db,
+        audit_store=audit_store,
         token_file=token_file,
         webhook_url=webhook_url,
     )

@@ -31,17 +31,18 @@ from routescan.service.routers import detector as detector_routes
 from routescan.service.routers import metrics as metrics_routes
 from routescan.service.scoring import BatchTooLarge, ScoringService, why
 from routescan.service.settings import ServiceSettings
-from routescan.service.store import AuditStore, StoreError, StoreReadError
+from routescan.service.store import AuditStore, StoreError, StoreReadError, open_audit_store
 
 log = logging.getLogger("routescan.service")
 
 
 def open_store(settings: ServiceSettings) -> AuditStore:
-    return AuditStore(
-        settings.db_path(),
+    """The audit store the settings name: a PostgreSQL URL (a fleet) or a SQLite file (one host)."""
+    return open_audit_store(
+        settings.audit_store_target(),
         retention_days=settings.retention_days,
         commit_window_s=settings.commit_window_ms / 1000,
-    ).open()
+    )
 
 
 def create_app(

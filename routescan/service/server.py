@@ -136,7 +136,7 @@ def serve(settings: ServiceSettings, *, say: Callable[[str], None]) -> None:
     )
     store = open_store(settings)
     auth = "bearer token" if token else "off (loopback or socket only)"
-    say(f"audit store {settings.db_path()}; auth {auth}")
+    say(f"audit store {store.location}; auth {auth}")
     app = create_app(settings, detector=det, store=store)
     sock, inode = None, 0
     try:

@@ -44,6 +44,8 @@ class ServiceSettings(BaseSettings):
     detector: Path | None = None
     operating_point: str | None = None
     db: Path | None = None
+    # A postgresql:// URL (one store for a fleet of daemons) or a SQLite path; unset: ``db``.
+    audit_store: str | None = None
     api_token: SecretStr | None = None
     token_file: Path | None = None
     # Extra Host header values to accept (behind a reverse proxy); loopback binds accept only
@@ -126,6 +128,10 @@ class ServiceSettings(BaseSettings):
         from platformdirs import user_data_dir
 
         return Path(user_data_dir("routescan")) / "audit.sqlite3"
+
+    def audit_store_target(self) -> str:
+        """Where audits go: ``audit_store`` if set, else the SQLite file ``db_path()``."""
+        return self.audit_store or str(self.db_path())
 
     def token(self) -> str | None:
         """The bearer token (environment first, then the token file), or None for no auth."""

@@ -31,6 +31,7 @@ async def readyz(request: Request) -> JSONResponse:
         "detector_loaded": True,
         "store_writable": health.writable,
         "store": {
+            "backend": health.backend,
             "writer_alive": health.writer_alive,
             "database_present": health.database_present,
             "errors": health.errors,

@@ -1,0 +1,110 @@
+"""The PostgreSQL audit store against the real server on this machine (never mocked)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from routescan.service.store import AuditRecord, StoreError, StoreOpenError, open_audit_store
+from routescan.service.store.postgres import SCHEMA_VERSION, redact
+
+
+def record(
+    trace_id: str, *, label: str = "ok", created: float | None = None, model: str = "m"
+) -> AuditRecord:
+    return AuditRecord(trace_id, model, 0.25, label, "d", "1", "fpr5", created or time.time())
+
+
+def test_writes_reads_filters_and_pages(pg_url) -> None:
+    store = open_audit_store(pg_url, commit_window_s=0.05)
+    try:
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests share group commits
+            futures = [
+                pool.submit(store.write, [record(f"r-{i}", label="flagged" if i % 3 == 0 else "ok")])
+                for i in range(60)
+            ]
+            assert sum(f.result() for f in futures) == 60
+        store.write([record("other-1", model="m2")])
+        rows = store.query(limit=1000)
+        assert len(rows) == 61 and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+        assert set(rows[0]) == {
+            "id",
+            "trace_id",
+            "model_id",
+            "score",
+            "label",
+            "detector_id",
+            "detector_version",
+            "operating_point",
+            "created",
+        }
+        assert len(store.query(label="flagged", limit=1000)) == 20
+        assert [r["trace_id"] for r in store.query(model_id="m2")] == ["other-1"]
+        assert (
+            store.query(since=time.time() + 3600) == []
+            and len(store.query(until=time.time() + 1, limit=1000)) == 61
+        )
+        paged = list(store.iter_all(page=7))
+        assert [r["id"] for r in paged] == [r["id"] for r in rows], "keyset paging returns each row once"
+        assert abs(rows[0]["created"] - time.time()) < 120
+    finally:
+        store.close()
+
+
+def test_one_refused_request_fails_alone(pg_url) -> None:
+    store = open_audit_store(pg_url, commit_window_s=0.3)
+    try:
+        good, bad, other = (
+            store.submit([record("a")]),
+            store.submit([record("b", label="maybe")]),
+            store.submit([record("c")]),
+        )
+        assert good.result(10) == 1 and other.result(10) == 1
+        with pytest.raises(StoreError):
+            bad.result(10)
+        assert [r["trace_id"] for r in store.query()] == ["a", "c"]
+    finally:
+        store.close()
+
+
+def test_daily_partitions_and_retention_drops_whole_days(pg_url) -> None:
+    day = 86400.0
+    now = time.time()
+    store = open_audit_store(pg_url, retention_days=0)
+    try:
+        store.write(
+            [record("old", created=now - 10 * day), record("recent", created=now - 1 * day), record("now")]
+        )
+        partitions = list(store.iter_partitions())
+        assert len(partitions) >= 3 and all(p.startswith("audits_p") for p in partitions)
+        store.retention_days = 5
+        assert store.purge_expired() >= 1
+        assert [r["trace_id"] for r in store.query()] == ["recent", "now"]
+        assert not any(
+            p.endswith(time.strftime("%Y%m%d", time.gmtime(now - 10 * day))) for p in store.iter_partitions()
+        )
+    finally:
+        store.close()
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(pg_url) -> None:
+    open_audit_store(pg_url).close()
+    open_audit_store(pg_url).close()  # a second start finds the schema current and changes nothing
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), max(version) FROM routescan_schema").fetchone() == (
+            1,
+            SCHEMA_VERSION,
+        )
+        conn.execute("INSERT INTO routescan_schema (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreOpenError, match="newer than this RouteScan"):
+        open_audit_store(pg_url)
+
+
+def test_an_unreachable_server_is_one_clear_error_without_the_password() -> None:
+    with pytest.raises(StoreOpenError) as info:
+        open_audit_store("postgresql://auditor:hunter2@127.0.0.1:1/audits", connect_timeout_s=1)
+    assert "hunter2" not in str(info.value) and "127.0.0.1:1" in str(info.value)
+    assert redact("postgresql://u:pw@h:5/db") == "postgresql://u@h:5/db"
