@@ -115,6 +115,11 @@ def test_batch_and_limits(server, synthetic_traces) -> None:
     assert len(page["items"]) == 5 and page["next_offset"] == 5
     rest = httpx.get(f"{server}/v1/audits", params={"limit": 5, "offset": 5}).json()
     assert len(rest["items"]) == 3 and rest["next_offset"] is None
+    first = httpx.get(f"{server}/v1/audits", params={"limit": 5}).json()
+    keyed = httpx.get(f"{server}/v1/audits", params={"limit": 5, "after": first["next_after"]}).json()
+    assert [a["id"] for a in keyed["items"]] == [a["id"] for a in rest["items"]] and keyed[
+        "next_after"
+    ] is None
 
 
 def test_audit_filters(server, synthetic_traces, test_detector) -> None:

@@ -108,3 +108,53 @@ def test_an_unreachable_server_is_one_clear_error_without_the_password() -> None
         open_audit_store("postgresql://auditor:hunter2@127.0.0.1:1/audits", connect_timeout_s=1)
     assert "hunter2" not in str(info.value) and "127.0.0.1:1" in str(info.value)
     assert redact("postgresql://u:pw@h:5/db") == "postgresql://u@h:5/db"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_audits_cli_shows_and_exports_either_backend(backend, tmp_path, request) -> None:
+    import csv
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from routescan.cli.main import app
+
+    target = str(tmp_path / "audit.sqlite3") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    store = open_audit_store(target)
+    try:
+        store.write([record(f"r-{i}", label="flagged" if i % 2 else "ok") for i in range(25)])
+    finally:
+        store.close()
+    runner = CliRunner()
+    result = runner.invoke(app, ["audits", "--audit-store", target, "--label", "flagged", "--limit", "5"])
+    assert result.exit_code == 0, result.output
+    assert "r-1" in result.output and "r-0 " not in result.output
+
+    csv_out = tmp_path / "flagged.csv"
+    result = runner.invoke(app, ["audits", "--audit-store", target, "--label", "flagged", "-o", str(csv_out)])
+    assert result.exit_code == 0, result.output
+    with csv_out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12 and {r["label"] for r in rows} == {"flagged"}
+    assert list(rows[0]) == [
+        "id",
+        "trace_id",
+        "model_id",
+        "score",
+        "label",
+        "detector_id",
+        "detector_version",
+        "operating_point",
+        "created",
+    ]
+
+    parquet_out = tmp_path / "all.parquet"
+    result = runner.invoke(app, ["audits", "--audit-store", target, "-o", str(parquet_out)])
+    assert result.exit_code == 0 and pq.read_table(parquet_out).num_rows == 25
+
+    result = runner.invoke(app, ["audits", "--audit-store", target, "-o", str(tmp_path / "x.xlsx")])
+    assert result.exit_code == 2 and ".parquet" in result.output
+    if backend == "sqlite":
+        result = runner.invoke(app, ["audits", "--audit-store", str(tmp_path / "none.db")])
+        assert result.exit_code == 2 and "no audit store" in result.output
+        assert not (tmp_path / "none.db").exists()

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from routescan import __version__
+from routescan.cli.audits import audits
 from routescan.cli.collect import collect
 from routescan.cli.evaluate import evaluate
 from routescan.cli.featurize import featurize
@@ -48,6 +49,7 @@ app.command()(featurize)
 app.command()(inspect)
 app.command()(score)
 app.command()(serve)
+app.command()(audits)
 app.command()(moefy)
 app.command()(train)
 app.command()(evaluate)

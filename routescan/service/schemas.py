@@ -78,6 +78,7 @@ class AuditRow(_Strict):
 class AuditPage(_Strict):
     items: list[AuditRow]
     next_offset: int | None
+    next_after: int | None = None
 
 
 class DetectorInfo(_Strict):

@@ -22,16 +22,31 @@ async def audits(
     label: Literal["flagged", "ok"] | None = None,
     model_id: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**62, description="keyset paging: rows with an id above this")
+    ] = None,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="count paging (slow on large tables)")] = 0,
 ) -> AuditPage:
-    """The audit log, oldest first, filtered and paged (``next_offset`` is null on the last page)."""
+    """The audit log, oldest first, filtered and paged. Page by key with ``after`` (pass the last
+    page's ``next_after``); ``offset`` / ``next_offset`` still work. Both are null on the last page."""
     rows = await anyio.to_thread.run_sync(
         lambda: store.query(
-            since=_ts(since), until=_ts(until), label=label, model_id=model_id, limit=limit + 1, offset=offset
+            since=_ts(since),
+            until=_ts(until),
+            label=label,
+            model_id=model_id,
+            after_id=after,
+            limit=limit + 1,
+            offset=offset,
         )
     )
     items = [AuditRow(**{**r, "created": datetime.fromtimestamp(r["created"], UTC)}) for r in rows[:limit]]
-    return AuditPage(items=items, next_offset=offset + limit if len(rows) > limit else None)
+    more = len(rows) > limit
+    return AuditPage(
+        items=items,
+        next_offset=offset + limit if more else None,
+        next_after=items[-1].id if more else None,
+    )
 
 
 def _ts(value: datetime | None) -> float | None:

@@ -18,9 +18,10 @@ from routescan.service.store.sqlite import SQLiteAuditStore
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_audit_store(target: str | Path, **options: Any) -> AuditStore:
+def open_audit_store(target: str | Path, *, read_only: bool = False, **options: Any) -> AuditStore:
     """Open the store ``target`` names: a ``postgresql://`` URL, or a SQLite file (a path or
-    ``sqlite:///path``). ``options`` are the shared ones (retention_days, commit_window_s, ...)."""
+    ``sqlite:///path``). ``options`` are the shared ones (retention_days, commit_window_s, ...);
+    ``read_only`` opens it for reading alone (no writer, no retention purge)."""
     text = str(target)
     if text.startswith(POSTGRES_SCHEMES):
         try:
@@ -30,12 +31,12 @@ def open_audit_store(target: str | Path, **options: Any) -> AuditStore:
                 f"the PostgreSQL audit store needs psycopg ({exc}): pip install 'routescan[postgres]'"
             ) from None
         options.pop("busy_timeout_s", None)
-        return PostgresAuditStore(text, **options).open()
+        return PostgresAuditStore(text, **options).open(read_only=read_only)
     if "://" in text and not text.startswith("sqlite:///"):
         raise StoreOpenError(
             f"unknown audit store {text.split('://')[0]}://; use postgresql://... or a file path"
         )
-    return SQLiteAuditStore(Path(text.removeprefix("sqlite://")), **options).open()
+    return SQLiteAuditStore(Path(text.removeprefix("sqlite://")), **options).open(read_only=read_only)
 
 
 __all__ = [

@@ -122,6 +122,7 @@ class AuditStore(ABC):
         self._queue: queue.Queue[tuple[list[AuditRecord], Future[int]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
+        self._read_only = False
 
     # -- what a backend supplies ----------------------------------------------------------------
     @property
@@ -166,8 +167,12 @@ class AuditStore(ABC):
     created_param = "?"  # how a query passes a time (seconds since the epoch)
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def open(self) -> AuditStore:
+    def open(self, *, read_only: bool = False) -> AuditStore:
+        """Open the store; ``read_only`` (reviewers, exports): no writer thread and no purge."""
+        self._read_only = read_only
         self._open()
+        if read_only:
+            return self
         self._purge_guarded()
         self._thread = threading.Thread(target=self._run, name="routescan-audit-writer", daemon=True)
         self._thread.start()

@@ -69,6 +69,8 @@ class SQLiteAuditStore(AuditStore):
         return f"database {self.path}"
 
     def _open(self) -> None:
+        if self._read_only and not self.path.is_file():
+            raise StoreOpenError(f"no audit store at {self.path}; name one with --db or --audit-store")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
