@@ -256,25 +256,12 @@ class AuditStore(ABC):
                 _resolve(future, error=StoreError(message))
             return
         live = [(records, future) for records, future in batch if not future.cancelled()]
-        done: list[tuple[Future[int], int]] = []
+        if not live:
+            return
         with self._writer_connection() as conn:
             self._prepare(conn, [r for records, _ in live for r in records])
             try:
-                conn.execute(self.begin_statement)
-                cursor = conn.cursor()
-                for records, future in live:
-                    try:
-                        conn.execute("SAVEPOINT request")
-                        self._insert(cursor, records)
-                        conn.execute("RELEASE SAVEPOINT request")
-                        done.append((future, len(records)))
-                    except self.db_errors as exc:
-                        if _connection_lost(exc):
-                            raise
-                        conn.execute("ROLLBACK TO SAVEPOINT request")
-                        conn.execute("RELEASE SAVEPOINT request")
-                        _resolve(future, error=StoreError(self._error("write of one request", exc)))
-                conn.execute("COMMIT")
+                done = self._commit_group(conn, live)
             except self.db_errors as exc:
                 self._failing = True
                 message = self._error("write", exc)
@@ -287,6 +274,41 @@ class AuditStore(ABC):
         self._failing = False
         for future, count in done:
             _resolve(future, result=count)
+
+    def _commit_group(self, conn: Any, live: Batch) -> list[tuple[Future[int], int]]:
+        """One transaction for the whole group: all rows in one bulk insert when the database takes
+        them (one round trip), else each request in its own savepoint so only the refused fail."""
+        conn.execute(self.begin_statement)
+        try:
+            self._insert_all(conn.cursor(), [r for records, _ in live for r in records])
+        except self.db_errors as exc:
+            if _connection_lost(exc):
+                raise
+            conn.execute("ROLLBACK")
+        else:
+            conn.execute("COMMIT")
+            return [(future, len(records)) for records, future in live]
+        done: list[tuple[Future[int], int]] = []
+        conn.execute(self.begin_statement)
+        cursor = conn.cursor()
+        for records, future in live:
+            try:
+                conn.execute("SAVEPOINT request")
+                self._insert(cursor, records)
+                conn.execute("RELEASE SAVEPOINT request")
+                done.append((future, len(records)))
+            except self.db_errors as exc:
+                if _connection_lost(exc):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT request")
+                conn.execute("RELEASE SAVEPOINT request")
+                _resolve(future, error=StoreError(self._error("write of one request", exc)))
+        conn.execute("COMMIT")
+        return done
+
+    def _insert_all(self, cursor: Any, records: Sequence[AuditRecord]) -> None:
+        """A whole group's rows at once (a backend may use a faster bulk path, e.g. COPY)."""
+        self._insert(cursor, records)
 
     def _purge_guarded(self) -> None:
         try:

@@ -174,6 +174,23 @@ class PostgresAuditStore(AuditStore):
     def _insert(self, cursor: Any, records: Sequence[AuditRecord]) -> None:
         cursor.executemany(_INSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in records])
 
+    def _insert_all(self, cursor: Any, records: Sequence[AuditRecord]) -> None:
+        # COPY: one round trip for the whole group, whatever its size
+        with cursor.copy(f"COPY audits ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            for r in records:
+                copy.write_row(
+                    (
+                        r.trace_id,
+                        r.model_id,
+                        r.score,
+                        r.label,
+                        r.detector_id,
+                        r.detector_version,
+                        r.operating_point,
+                        datetime.fromtimestamp(r.created, UTC),
+                    )
+                )
+
     def _purge(self, cutoff: float) -> int:
         """Drop every daily partition that ends at or before the cutoff."""
         last_expired = _day(cutoff) - timedelta(days=1)
