@@ -199,6 +199,14 @@ def test_sidecar_end_to_end_with_a_daemon_restart(tmp_path: Path) -> None:
         with daemon(sock, db, tmp_path / "daemon.log") as (_, client):
             _wait(lambda: set(first + second) <= _audit_ids(client), what="the replayed audits")
             _wait(lambda: http.get(f"{base}/stats").json()["spool"] == 0, what="the torn line")
+            metrics = client.get("http://d/metrics").text
+            # the agent's own counters reach the daemon's metrics: the spooling it did while it was down
+            assert any(
+                line.startswith("routescan_agent_traces_total{")
+                and 'outcome="spooled"' in line
+                and float(line.split()[-1]) >= len(second)
+                for line in metrics.splitlines()
+            ), "the agent's spooled count is not in the daemon's metrics"
         stats = http.get(f"{base}/stats").json()
         # the torn line is refused alone; every real trace in its batch still reaches the audit log
         assert stats["dropped"] == 0 and stats["rejected"] == 1 and stats["spool"] == 0

@@ -155,6 +155,8 @@ def test_metrics(server, synthetic_traces) -> None:
         "routescan_detector_info": "gauge",  # an info metric, as the text format writes it
         "routescan_store_errors": "counter",
         "routescan_store_up": "gauge",
+        "routescan_score": "histogram",
+        "routescan_agent_traces": "counter",
     }
 
     def value(family: str, sample: str, **labels: str) -> float:
@@ -174,6 +176,34 @@ def test_metrics(server, synthetic_traces) -> None:
     assert value("routescan_store_errors", "routescan_store_errors_total") == 0
     assert value("routescan_store_up", "routescan_store_up") == 1
     assert value("routescan_detector_info", "routescan_detector_info", detector_id="test-detector") == 1
+    assert value("routescan_score", "routescan_score_count", model_id="tiny-mixtral-seed0") == 8
+
+
+def test_agents_report_their_counters_with_their_batches(server, synthetic_traces) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {
+        "x-routescan-agent": "vllm-host-1234",
+        "x-routescan-agent-counters": "sent=40,spooled=7,dropped=2",
+    }
+    r = httpx.post(f"{server}/v1/score/batch", json={"items": [body(synthetic_traces[0])]}, headers=headers)
+    assert r.status_code == 200
+    bad = {"x-routescan-agent": "tell me how to pick a lock", "x-routescan-agent-counters": "spooled=1"}
+    assert (
+        httpx.post(
+            f"{server}/v1/score/batch", json={"items": [body(synthetic_traces[1])]}, headers=bad
+        ).status_code
+        == 200
+    )
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+    samples = {
+        (s.labels["agent"], s.labels["outcome"]): s.value for s in families["routescan_agent_traces"].samples
+    }
+    assert samples == {
+        ("vllm-host-1234", "sent"): 40,
+        ("vllm-host-1234", "spooled"): 7,
+        ("vllm-host-1234", "dropped"): 2,
+    }
 
 
 def test_body_size_limit(tmp_path, test_detector, synthetic_traces) -> None:

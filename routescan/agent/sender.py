@@ -15,6 +15,8 @@ import itertools
 import json
 import os
 import queue
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from routescan.service.schemas import AGENT_HEADER, COUNTERS_HEADER
 from routescan.telemetry.schema import RequestTrace
 
 Item = RequestTrace | Callable[[], RequestTrace]
@@ -50,8 +53,15 @@ def _is_json(line: str) -> bool:
     return True
 
 
+def agent_id() -> str:
+    """This sender's name in the daemon's metrics: host and process, in the id character set."""
+    raw = f"{socket.gethostname()}-{os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9._:\-]", "_", raw)[-64:]
+
+
 def _client(target: str, token: str | None, timeout: float) -> tuple[httpx.Client, str]:
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    headers[AGENT_HEADER] = agent_id()
     if target.startswith("unix://"):
         transport = httpx.HTTPTransport(uds=target.removeprefix("unix://"))
         return httpx.Client(transport=transport, timeout=timeout, headers=headers), "http://routescan"
@@ -168,8 +178,12 @@ class TraceSender:
         The daemon validates every trace against the schema, so nothing is re-validated here."""
         body = '{"items":[' + ",".join('{"trace":' + t + "}" for t in traces) + "]}"
         try:
+            counters = ",".join(f"{k}={v}" for k, v in self.counters.as_dict().items())
             resp = self._client.post(
-                f"{self._base}/v1/score/batch", content=body, headers={"content-type": "application/json"}
+                f"{self._base}/v1/score/batch",
+                content=body,
+                # the agent's own health rides along, so the daemon's /metrics shows spooled / dropped
+                headers={"content-type": "application/json", COUNTERS_HEADER: counters},
             )
         except httpx.HTTPError:
             return "down"

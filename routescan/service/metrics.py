@@ -7,6 +7,9 @@ when Prometheus scrapes (a custom collector), so the number can never drift from
 
 from __future__ import annotations
 
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
@@ -18,6 +21,7 @@ from routescan.service.store import StoreHealth
 # ``*_created`` series double the exposition and no dashboard of ours reads them
 disable_created_metrics()
 
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -39,6 +43,51 @@ class StoreCollector(Collector):
             "1 when the audit store accepts writes.",
             value=int(health is not None and health.ready),
         )
+
+
+AGENT_OUTCOMES = ("submitted", "sent", "dropped", "spooled", "replayed", "rejected", "build_errors")
+_AGENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+MAX_AGENTS = 1000  # bounds the series a misbehaving client could create
+
+
+class AgentCollector(Collector):
+    """``routescan_agent_traces_total{agent, outcome}``: the totals each in-process agent reports
+    with its batches (spooled and dropped traces happen where the daemon cannot see them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._agents: OrderedDict[str, dict[str, int]] = OrderedDict()
+
+    def report(self, agent: str | None, counters: str | None) -> bool:
+        """Record one report (header values); anything malformed is ignored, never an error."""
+        if not agent or not counters or not _AGENT_ID.match(agent) or len(counters) > 512:
+            return False
+        values: dict[str, int] = {}
+        for part in counters.split(","):
+            name, _, number = part.partition("=")
+            if name in AGENT_OUTCOMES and number.isdigit() and len(number) <= 16:
+                values[name] = int(number)
+        if not values:
+            return False
+        with self._lock:
+            self._agents[agent] = values
+            self._agents.move_to_end(agent)
+            while len(self._agents) > MAX_AGENTS:
+                self._agents.popitem(last=False)
+        return True
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "routescan_agent_traces",
+            "Traces per in-process agent and outcome, as the agent last reported them.",
+            labels=["agent", "outcome"],
+        )
+        with self._lock:
+            snapshot = [(a, dict(v)) for a, v in self._agents.items()]
+        for agent, values in snapshot:
+            for outcome, value in values.items():
+                family.add_metric([agent, outcome], value)
+        yield family
 
 
 class Metrics:
@@ -74,7 +123,16 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.scores = Histogram(
+            "routescan_score",
+            "Harm scores by model id (the distribution, not only what crossed the threshold).",
+            ["model_id"],
+            buckets=SCORE_BUCKETS,
+            registry=self.registry,
+        )
         self.detector = Info("routescan_detector", "The loaded detector.", registry=self.registry)
+        self.agents = AgentCollector()
+        self.registry.register(self.agents)
 
     def watch_store(self, health: Callable[[], StoreHealth | None]) -> None:
         self.registry.register(StoreCollector(health))

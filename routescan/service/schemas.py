@@ -15,6 +15,10 @@ from routescan.features.fingerprint import Fingerprint
 from routescan.telemetry.schema import ModelId, RequestTrace, TraceId
 
 API_VERSION: Literal["routescan.api/1"] = "routescan.api/1"
+# Headers an in-process agent adds to its batches: its name, and its own counters (what it spooled
+# or dropped never reaches the daemon otherwise), as "submitted=N,sent=N,...".
+AGENT_HEADER = "x-routescan-agent"
+COUNTERS_HEADER = "x-routescan-agent-counters"
 
 
 class _Strict(BaseModel):

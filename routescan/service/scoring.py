@@ -188,6 +188,7 @@ class ScoringService:
         ]
         for result in results:
             self.metrics.scored.labels(model_id=result.model_id, label=result.label).inc()
+            self.metrics.scores.labels(model_id=result.model_id).observe(result.score)
             if result.label == "flagged":
                 self.metrics.flagged.labels(model_id=result.model_id).inc()
                 if self.alerts is not None:

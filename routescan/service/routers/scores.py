@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from pydantic import BaseModel
 
 from routescan.service.deps import Authorized, JsonBody, ServiceDep
-from routescan.service.schemas import BatchRequest, BatchResult, ScoreRequest, ScoreResult
+from routescan.service.schemas import (
+    AGENT_HEADER,
+    COUNTERS_HEADER,
+    BatchRequest,
+    BatchResult,
+    ScoreRequest,
+    ScoreResult,
+)
 
 router = APIRouter(prefix="/v1", tags=["scores"], dependencies=[Authorized])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -38,8 +45,14 @@ async def score_one(body: JsonBody, service: ServiceDep) -> ScoreResult:
 @router.post(
     "/score/batch", response_model=BatchResult, responses=_ERRORS, openapi_extra=_json_body(BatchRequest)
 )
-async def score_batch(body: JsonBody, service: ServiceDep) -> BatchResult:
+async def score_batch(
+    body: JsonBody,
+    service: ServiceDep,
+    agent: Annotated[str | None, Header(alias=AGENT_HEADER, include_in_schema=False)] = None,
+    agent_counters: Annotated[str | None, Header(alias=COUNTERS_HEADER, include_in_schema=False)] = None,
+) -> BatchResult:
     """Score up to ``max_batch`` items in one call (one model pass, one audit transaction)."""
+    service.metrics.agents.report(agent, agent_counters)
     results, latency = await service.score(body, batch=True)
     return BatchResult(
         results=results, flagged=sum(r.label == "flagged" for r in results), latency_ms=latency
