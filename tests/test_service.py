@@ -334,3 +334,36 @@ def test_loads_the_shipped_demo_detector() -> None:
     det = Detector.load(default_detector_path())
     assert det.card.demo and det.card.spec.model_id == "tiny-mixtral-seed0"
     assert {p.name for p in det.card.operating_points} == {"fpr1", "fpr5"}
+
+
+def test_the_dashboard_reads_only_metrics_the_daemon_exports(server, synthetic_traces) -> None:
+    """docker/grafana/dashboards/routescan.json must not chart a series the daemon never writes."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dashboard = json.loads(
+        (Path(__file__).parents[1] / "docker/grafana/dashboards/routescan.json").read_text()
+    )
+    headers = {"x-routescan-agent": "a-1", "x-routescan-agent-counters": "spooled=1,dropped=0"}
+    httpx.post(
+        f"{server}/v1/score/batch", json={"items": [body(t) for t in synthetic_traces[:4]]}, headers=headers
+    )
+    httpx.post(f"{server}/v1/score", json=body(synthetic_traces[5]))
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)
+        for sample in family.samples
+    }
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(routescan_[a-z_]+)\b", target["expr"])
+    }
+    assert len(dashboard["panels"]) >= 8 and used, "the dashboard charts nothing"
+    assert used <= exported, f"the dashboard reads series the daemon never exports: {sorted(used - exported)}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("requests", "flagged", "score distribution", "latency", "store", "alerts", "agents"):
+        assert topic in titles, topic

@@ -77,6 +77,7 @@ def create_app(
                 "operating_point": point.name,
             }
         )
+        metrics.watch_model(card.spec.model_id)
         app.state.runtime = Runtime(service=service, store=audit)
         try:
             yield

@@ -133,6 +133,14 @@ class Metrics:
         self.detector = Info("routescan_detector", "The loaded detector.", registry=self.registry)
         self.agents = AgentCollector()
         self.registry.register(self.agents)
+        for outcome in ("sent", "failed", "dropped"):  # a series at 0 beats "no data" on a dashboard
+            self.alerts.labels(outcome=outcome)
+
+    def watch_model(self, model_id: str) -> None:
+        """Start the per-model series at 0 for the model the detector reads."""
+        for label in ("ok", "flagged"):
+            self.scored.labels(model_id=model_id, label=label)
+        self.flagged.labels(model_id=model_id)
 
     def watch_store(self, health: Callable[[], StoreHealth | None]) -> None:
         self.registry.register(StoreCollector(health))
