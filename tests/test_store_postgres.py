@@ -11,6 +11,19 @@ import pytest
 from routescan.service.store import AuditRecord, StoreError, StoreOpenError, open_audit_store
 from routescan.service.store.postgres import SCHEMA_VERSION, redact
 
+# What an audit row holds, in order: ids, score, label, detector, time. Never text.
+AUDIT_COLUMNS = (
+    "id",
+    "trace_id",
+    "model_id",
+    "score",
+    "label",
+    "detector_id",
+    "detector_version",
+    "operating_point",
+    "created",
+)
+
 
 def record(
     trace_id: str, *, label: str = "ok", created: float | None = None, model: str = "m"
@@ -30,17 +43,7 @@ def test_writes_reads_filters_and_pages(pg_url) -> None:
         store.write([record("other-1", model="m2")])
         rows = store.query(limit=1000)
         assert len(rows) == 61 and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
-        assert set(rows[0]) == {
-            "id",
-            "trace_id",
-            "model_id",
-            "score",
-            "label",
-            "detector_id",
-            "detector_version",
-            "operating_point",
-            "created",
-        }
+        assert tuple(rows[0]) == AUDIT_COLUMNS
         assert len(store.query(label="flagged", limit=1000)) == 20
         assert [r["trace_id"] for r in store.query(model_id="m2")] == ["other-1"]
         assert (
@@ -136,17 +139,7 @@ def test_audits_cli_shows_and_exports_either_backend(backend, tmp_path, request)
     with csv_out.open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 12 and {r["label"] for r in rows} == {"flagged"}
-    assert list(rows[0]) == [
-        "id",
-        "trace_id",
-        "model_id",
-        "score",
-        "label",
-        "detector_id",
-        "detector_version",
-        "operating_point",
-        "created",
-    ]
+    assert tuple(rows[0]) == AUDIT_COLUMNS
 
     parquet_out = tmp_path / "all.parquet"
     result = runner.invoke(app, ["audits", "--audit-store", target, "-o", str(parquet_out)])
