@@ -104,11 +104,12 @@ class PostgresAuditStore(AuditStore):
             configure=configure,
             check=ConnectionPool.check_connection,
             timeout=self.connect_timeout_s,
-            reconnect_timeout=0,  # keep trying for as long as the daemon runs
             open=False,
             name="routescan-audit",
         )
         try:
+            # one direct connection first: its error says what is wrong (refused, auth, no database)
+            psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout_s))).close()
             self._pool.open(wait=True, timeout=self.connect_timeout_s)
             self._migrate()
             today = _day(datetime.now(UTC).timestamp())
@@ -116,8 +117,9 @@ class PostgresAuditStore(AuditStore):
                 self._ensure_partitions(conn, {today, today + timedelta(days=1)})
         except (psycopg.Error, PoolTimeout) as exc:
             self._pool.close()
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StoreOpenError(
-                f"cannot use the PostgreSQL audit store {self.location} ({str(exc).strip()}); check that "
+                f"cannot use the PostgreSQL audit store {self.location} ({reason}); check that "
                 "the server is up and the URL (--audit-store / ROUTESCAN_AUDIT_STORE) names a database "
                 "this user may create tables in"
             ) from None
