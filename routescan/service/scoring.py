@@ -9,6 +9,7 @@ identifier.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -16,7 +17,6 @@ from typing import Any, TypeVar
 
 import anyio
 import numpy as np
-import pydantic_core
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
@@ -83,31 +83,28 @@ def check_structure(body: bytes) -> None:
     """Refuse a body whose objects have more fields, or longer keys, than any RouteScan object.
 
     pydantic-core validates a flood of unknown fields by building one error per field while holding
-    the GIL (600k fields: ~3 s in which no other thread, the event loop included, runs); parsing
-    alone is ~10x cheaper, and the walk below is Python code that yields the GIL as it goes.
+    the GIL (600k fields: ~3 s in which no other thread, the event loop included, runs). The C JSON
+    parser with a per-object hook that only counts (it builds nothing) finds the flood first, at
+    about a tenth of validation's cost on a valid body.
     """
     try:
-        doc = pydantic_core.from_json(body)
+        json.loads(body, object_pairs_hook=_count_fields)
+    except _Structure as exc:
+        raise _structural(str(exc)) from None
     except ValueError:
-        return  # not JSON: the validator says so
-    stack = [doc] if type(doc) in _CONTAINERS else []
-    while stack:
-        node = stack.pop()
-        if type(node) is dict:
-            if len(node) > MAX_FIELDS:
-                raise _structural(
-                    f"an object has {len(node)} fields; RouteScan's objects have at most {MAX_FIELDS}"
-                )
-            if max(map(len, node), default=0) > MAX_KEY_CHARS:
-                raise _structural(
-                    f"a key is over {MAX_KEY_CHARS} characters, longer than any RouteScan field"
-                )
-            stack.extend(v for v in node.values() if type(v) in _CONTAINERS)
-        else:  # a list
-            stack.extend(v for v in node if type(v) in _CONTAINERS)
+        return  # not JSON (or not UTF-8): the validator says so
 
 
-_CONTAINERS = frozenset({dict, list})
+class _Structure(Exception):
+    """Not a ValueError, so it cannot be mistaken for the parser's own errors."""
+
+
+def _count_fields(pairs: list[tuple[str, Any]]) -> None:
+    if len(pairs) > MAX_FIELDS:
+        raise _Structure(f"an object has {len(pairs)} fields; RouteScan's objects have at most {MAX_FIELDS}")
+    for key, _ in pairs:
+        if len(key) > MAX_KEY_CHARS:
+            raise _Structure(f"a key is over {MAX_KEY_CHARS} characters, longer than any RouteScan field")
 
 
 def _structural(msg: str) -> RequestValidationError:
