@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from routescan.cli.main import app
@@ -31,16 +33,26 @@ def test_score_file(tmp_path, test_detector, synthetic_traces) -> None:
     assert result.exit_code == 0, text
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["scored"] == len(synthetic_traces) and summary["skipped"] == 2
+    # the label column is 0 / 1, so the summary reports how the detector does on this file
+    expected_auroc = roc_auc_score(
+        [t.labels["label"] for t in synthetic_traces],
+        test_detector.predict_proba(test_detector.spec.transform_many(synthetic_traces)),
+    )
+    assert summary["evaluation"]["auroc"] == pytest.approx(expected_auroc)
+    assert {"auprc", "tpr@1%fpr", "tpr_at_operating_point", "fpr_at_operating_point"} <= set(
+        summary["evaluation"]
+    )
     assert f"row {len(synthetic_traces) + 1}" in text and f"row {len(synthetic_traces) + 2}" in text
     assert "some hidden words" not in text
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["trace_id"] for r in rows] == [t.trace_id for t in synthetic_traces]
-    assert all(set(r) == {"row", "trace_id", "model_id", "score", "label"} for r in rows)
+    assert all(set(r) == {"row", "trace_id", "model_id", "score", "verdict", "labels"} for r in rows)
+    assert [r["labels"] for r in rows] == [t.labels for t in synthetic_traces], "the input's labels are kept"
     expected = test_detector.predict_proba(test_detector.spec.transform_many(synthetic_traces))
     assert [r["score"] for r in rows] == [float(x) for x in expected]
     # the toy corpus is separable: the flagged group is mostly label 1
     flagged_pos = sum(
-        r["label"] == "flagged" for r, t in zip(rows, synthetic_traces, strict=True) if t.labels["label"]
+        r["verdict"] == "flagged" for r, t in zip(rows, synthetic_traces, strict=True) if t.labels["label"]
     )
     assert flagged_pos > len(synthetic_traces) // 4
 
@@ -62,7 +74,7 @@ def test_score_file(tmp_path, test_detector, synthetic_traces) -> None:
         "--fail-on-flag",
     )
     assert result.exit_code == 0
-    assert (tmp_path / "s.csv").read_text().startswith("row,trace_id,model_id,score,label\n")
+    assert (tmp_path / "s.csv").read_text().startswith("row,trace_id,model_id,score,verdict,labels.label\n")
     result, text = run("score", traces, "--detector", det, "--out", out, "--fpr", "0.01")
     assert result.exit_code == 0 and '"operating_point": "fpr1"' in result.stdout
     result, text = run("score", traces, "--detector", det, "--out", out, "--fpr", "0.02")

@@ -14,7 +14,14 @@ from rich.table import Table
 
 from routescan.cli.common import console, friendly_errors
 from routescan.detector.artifact import Detector, DetectorMismatch, default_detector_path
-from routescan.detector.scoring import InputRejected, Scorer, resolve_operating_point
+from routescan.detector.scoring import (
+    InputRejected,
+    Scorer,
+    binary_labels,
+    detection_report,
+    resolve_operating_point,
+    write_scores,
+)
 from routescan.telemetry.io import TraceFileError, iter_trace_rows
 from routescan.telemetry.schema import RequestTrace
 
@@ -38,7 +45,13 @@ def score(
         ),
     ] = None,
     label_column: Annotated[
-        str | None, typer.Option(help="Trace label to break the summary down by.", show_default=False)
+        str | None,
+        typer.Option(
+            help="Trace label to break the summary down by. When its values are 0 / 1 (harmful = 1), "
+            "also report AUROC, AUPRC and TPR / FPR at the operating point: how the detector does "
+            "on this labelled file.",
+            show_default=False,
+        ),
     ] = None,
     on_bad: Annotated[
         str, typer.Option(help="Invalid or mismatched rows: 'skip' (reported) or 'fail'.")
@@ -52,7 +65,7 @@ def score(
     Bad rows (invalid, another model's, empty, out of range, not UTF-8) are reported with their row
     number and skipped (or stop the run with --on-bad fail); none is dropped silently. Exit codes:
     0 scored, 2 bad input or nothing could be scored, 3 something flagged with --fail-on-flag. The
-    output holds ids, scores and labels only.
+    output holds ids, scores, the verdict (flagged / ok) and the traces' own labels; never text.
     """
     flagged = friendly_errors(_score)(traces, out, detector, threshold, fpr, label_column, on_bad)
     if fail_on_flag and flagged:
@@ -108,7 +121,8 @@ def _score(
                     "trace_id": s.trace_id,
                     "model_id": s.model_id,
                     "score": s.score,
-                    "label": s.label,
+                    "verdict": s.label,
+                    "labels": dict(trace.labels),
                     "group": str(trace.labels.get(label_column)) if label_column else None,
                 }
             )
@@ -139,17 +153,7 @@ def _score(
             if bad
             else f"{traces}: the file holds no traces"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        if out.suffix.lower() == ".csv":
-            fh.write("row,trace_id,model_id,score,label\n")
-            for r in rows:
-                fh.write(f"{r['row']},{r['trace_id']},{r['model_id']},{r['score']:.6f},{r['label']}\n")
-        else:
-            for r in rows:
-                fh.write(json.dumps({k: v for k, v in r.items() if k != "group"}, allow_nan=False) + "\n")
-    tmp.replace(out)
+    write_scores(out, rows)
 
     table = Table(
         title=f"{traces.name}: {card.detector_id} {card.version}{' (DEMO)' if card.demo else ''}, "
@@ -160,10 +164,24 @@ def _score(
     table.add_column("scored", justify="right")
     table.add_column("flagged", justify="right")
     table.add_column("flagged %", justify="right")
-    totals, flags = Counter(r[by] for r in rows), Counter(r[by] for r in rows if r["label"] == "flagged")
+    totals, flags = Counter(r[by] for r in rows), Counter(r[by] for r in rows if r["verdict"] == "flagged")
     for key in sorted(totals):
         table.add_row(str(key), str(totals[key]), str(flags[key]), f"{100 * flags[key] / totals[key]:.1f}")
     console.print(table)
+    evaluation = None
+    if label_column is not None:
+        y = binary_labels([r["labels"].get(label_column) for r in rows])
+        if y is None:
+            console.print(f"(no detection report: '{label_column}' is not 0 / 1 with both classes present)")
+        else:
+            evaluation = ev = detection_report(y, np.array([r["score"] for r in rows]), point)
+            console.print(
+                f"detection on this file ({ev['n_harmful']} harmful, {ev['n_benign']} benign by "
+                f"'{label_column}'): AUROC {ev['auroc']:.3f}, AUPRC {ev['auprc']:.3f}, "
+                f"TPR {ev['tpr_at_operating_point']:.3f} / FPR {ev['fpr_at_operating_point']:.3f} "
+                f"at {point.name}",
+                highlight=False,
+            )
     n_flagged = sum(flags.values())
     typer.echo(
         json.dumps(
@@ -174,6 +192,7 @@ def _score(
                 "out": str(out),
                 "operating_point": point.name,
                 "threshold": point.threshold,
+                **({"evaluation": evaluation} if evaluation is not None else {}),
             },
             allow_nan=False,
         )

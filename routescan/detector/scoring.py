@@ -7,10 +7,13 @@ once flagged empty traces at 0.99999) or when its features or score are not fini
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -130,3 +133,52 @@ class Scorer:
 def _item_id(item: Item) -> str:
     kind = "trace" if isinstance(item, RequestTrace) else "fingerprint"
     return f"{kind} {item.trace_id}"
+
+
+SCORE_COLUMNS = ("row", "trace_id", "model_id", "score", "verdict")
+
+
+def write_scores(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Scores as JSONL (each row's trace labels under ``labels``) or CSV (``labels.<key>`` columns),
+    written to a temporary file and renamed, so a crash never leaves half a file. ``verdict`` is
+    flagged / ok: a trace label named ``label`` keeps its own column."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        if out.suffix.lower() == ".csv":
+            keys = list(dict.fromkeys(k for r in rows for k in r["labels"]))
+            writer = csv.writer(fh)
+            writer.writerow([*SCORE_COLUMNS, *(f"labels.{k}" for k in keys)])
+            for r in rows:
+                writer.writerow([*(r[c] for c in SCORE_COLUMNS), *(r["labels"].get(k, "") for k in keys)])
+        else:
+            for r in rows:
+                fh.write(
+                    json.dumps({**{c: r[c] for c in SCORE_COLUMNS}, "labels": r["labels"]}, allow_nan=False)
+                )
+                fh.write("\n")
+    tmp.replace(out)
+
+
+def binary_labels(values: Sequence[Any]) -> np.ndarray | None:
+    """0/1 ground truth from label values (0, 1, True, False, "0", "1"); None when they are not
+    binary or only one class is present."""
+    mapping = {0: 0, 1: 1, "0": 0, "1": 1}  # True / False hash as 1 / 0
+    try:
+        y = np.array([mapping[v] for v in values], dtype=int)
+    except (KeyError, TypeError):
+        return None
+    return y if 0 < y.sum() < len(y) else None
+
+
+def detection_report(y: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
+    """How a detector does on a labelled trace file: AUROC (95% bootstrap CI), AUPRC, TPR at 1% and
+    5% FPR of this file's benign rows, and TPR / FPR at the operating point in use."""
+    from routescan.detector.metrics import summarize_scores
+
+    report: dict[str, Any] = summarize_scores(y, scores)
+    flagged = scores >= point.threshold
+    report["operating_point"] = point.name
+    report["tpr_at_operating_point"] = float(flagged[y == 1].mean())
+    report["fpr_at_operating_point"] = float(flagged[y == 0].mean())
+    return report
