@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,8 @@ def test_collect_featurize_inspect_and_no_text_anywhere(tmp_path: Path) -> None:
         "vllm-fused-moe",
     )
     assert result.exit_code == 0, text
+    # no terminal here (as in a log file): progress is a plain line with count, rate and time left
+    assert re.search(r"collecting: \d+/\d+ \(100%\), [\d.,]+/min", text), text
     outputs = {name: tmp_path / f"traces.{name}.jsonl" for name in ("hf-eager", "router", "vllm-fused-moe")}
     for name, path in outputs.items():
         traces = list(read_traces(path))

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from routescan.cli.common import console, defaults, friendly_errors
+from routescan.cli.common import ProgressLines, console, defaults, friendly_errors
 from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
 from routescan.corpus.prompts import PromptRow, demo_prompts_path, read_prompts
 from routescan.models.tiny import tiny_model_types
@@ -324,19 +323,11 @@ def _collect(**kw) -> None:
             raise ValueError(f"--collector must be 'emulated' or 'cupti', not {kw['collector']!r}")
         handles = {name: staging[name].open("a", encoding="utf-8") for name in names}
         try:
-            with Progress(
-                TextColumn("collecting"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=not console.is_terminal,
-            ) as bar:
-                task = bar.add_task("collect", total=len(todo))
+            with ProgressLines("collecting", len(todo)) as bar:
                 for _request, traces in stream:
                     for name, trace in traces.items():
                         append_jsonl(handles[name], trace)
-                    bar.advance(task)
+                    bar.advance()
         finally:
             for fh in handles.values():
                 fh.close()

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from routescan.cli.common import console, friendly_errors
+from routescan.cli.common import ProgressLines, console, friendly_errors
 from routescan.features.fingerprint import FingerprintMismatch, FingerprintSpec, fingerprint
 from routescan.features.table import write_table
 from routescan.telemetry.io import TraceFileError, iter_trace_rows
@@ -40,10 +39,7 @@ def featurize(
 def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
     spec: FingerprintSpec | None = None
     fps, bad = [], 0
-    with Progress(
-        TextColumn("featurizing"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
-    ) as bar:
-        task = bar.add_task("f", total=None)
+    with ProgressLines("featurizing", None) as bar:
         for number, item in iter_trace_rows(traces):
             try:
                 if isinstance(item, TraceFileError):
@@ -55,7 +51,7 @@ def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
                     raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
                 bad += 1
                 console.print(f"[yellow]skipped[/] row {number}: {exc}", highlight=False)
-            bar.advance(task)
+            bar.advance()
     if spec is None:
         raise ValueError(f"{traces}: no valid trace to featurize")
     write_table(out, spec, fps)

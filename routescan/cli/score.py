@@ -9,10 +9,9 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from routescan.cli.common import console, friendly_errors
+from routescan.cli.common import ProgressLines, console, friendly_errors
 from routescan.detector.artifact import Detector, DetectorMismatch, default_detector_path
 from routescan.detector.scoring import (
     InputRejected,
@@ -128,10 +127,7 @@ def _score(
             )
         pending.clear()
 
-    with Progress(
-        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
-    ) as bar:
-        task = bar.add_task("s", total=None)
+    with ProgressLines("scoring", None) as bar:
         for number, item in iter_trace_rows(traces):
             try:
                 if isinstance(item, TraceFileError):
@@ -142,7 +138,7 @@ def _score(
                 skip(number, exc)
             if len(pending) >= _CHUNK:
                 flush()
-            bar.advance(task)
+            bar.advance()
         flush()
 
     for line in bad:
