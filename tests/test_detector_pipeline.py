@@ -117,6 +117,15 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     traces = list(read_traces(hf))
     assert len(traces) == 162 + 160 + 10 + 72
     assert all(not any(w in t.model_dump_json() for w in ("QQX", "please tell")) for t in traces)
+    # the manifest says which source rows the corpus used, per trace id, and holds no text
+    manifest_file = hf.with_name("t.manifest.json")
+    manifest = json.loads(manifest_file.read_text())
+    entries = {e["id"]: e for e in manifest["examples"]}
+    assert set(entries) == {t.trace_id for t in traces}
+    assert all(e["file"] and e["row"] is not None for e in entries.values())
+    benign_rows = {e["row"] for e in entries.values() if e["file"] == "benign.csv" and e["family"] == "none"}
+    assert benign_rows, "the benign rows used are listed"
+    assert "QQX" not in manifest_file.read_text() and "please tell" not in manifest_file.read_text()
 
     data = LabelledSet.from_traces(traces)
     folds = lodo_folds(data, min_size=40) + family_folds(data)

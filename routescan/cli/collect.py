@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from routescan.cli.common import ProgressLines, console, defaults, friendly_errors
-from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
+from routescan.corpus.builder import CorpusConfig, build_corpus, manifest, summarize
 from routescan.corpus.prompts import PromptRow, demo_prompts_path, read_prompts
 from routescan.models.tiny import tiny_model_types
 from routescan.telemetry.io import append_jsonl, read_traces, trace_format, write_traces
@@ -62,8 +62,9 @@ def _open_outputs(paths: dict[str, Path], resume: bool) -> tuple[dict[str, Path]
     return staging, done
 
 
-def corpus_rows(recipe: Path, corpora: Path) -> list[PromptRow]:
-    """The requests of a corpus recipe, as prompt rows whose labels are the example's metadata."""
+def corpus_rows(recipe: Path, corpora: Path) -> tuple[list[PromptRow], dict]:
+    """The requests of a corpus recipe, as prompt rows whose labels are the example's metadata, and
+    the corpus manifest (which source rows it used; no text)."""
     config = CorpusConfig.from_yaml(recipe)
     examples = build_corpus(corpora, config)
     counts = summarize(examples)
@@ -75,7 +76,7 @@ def corpus_rows(recipe: Path, corpora: Path) -> list[PromptRow]:
     )
     rows = [PromptRow(i, e.text, e.id, e.labels()) for i, e in enumerate(examples)]
     # similar lengths share a batch, so padding does not multiply the cost of the long wrapped requests
-    return sorted(rows, key=lambda r: len(r.text))
+    return sorted(rows, key=lambda r: len(r.text)), manifest(config, examples)
 
 
 def _cupti_stream(loaded, requests, names: list[str], max_tokens: int, aggregate: bool):
@@ -253,10 +254,11 @@ def _collect(**kw) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"launch models given twice: {names}")
 
+    corpus_manifest = None
     if kw["corpus"] is not None:
         if kw["prompts"] is not None:
             raise ValueError("give --prompts or --corpus, not both")
-        rows = corpus_rows(kw["corpus"], kw["corpora"])
+        rows, corpus_manifest = corpus_rows(kw["corpus"], kw["corpora"])
     else:
         prompts_path: Path = kw["prompts"] or demo_prompts_path()
         label_columns = list(kw["label_column"] or [])
@@ -338,6 +340,13 @@ def _collect(**kw) -> None:
             write_traces(final, read_traces(stage))
             os.remove(stage)
         console.print(f"wrote {final}")
+    if corpus_manifest is not None:
+        out_path = Path(kw["out"])
+        target = out_path.with_name(out_path.name.split(".")[0] + ".manifest.json")
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(corpus_manifest, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+        console.print(f"wrote {target} (the source rows this corpus used; no text)")
     summary = {
         "requests": len(rows),
         "collected_now": len(todo),

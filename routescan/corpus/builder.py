@@ -139,6 +139,9 @@ class Example:
     source: str
     hard_negative: bool = False
     wrapper: str = PLAIN
+    # where the request's text came from: file (relative to the corpora folder) and 0-based data row
+    file: str = ""
+    row: int | None = None
 
     @property
     def super_family(self) -> str:
@@ -166,6 +169,8 @@ def _plain(row: CorpusRow, config: CorpusConfig) -> Example:
             PLAIN,
             f"h-{row.row:05d}",
             row.source,
+            file="harmful.csv",
+            row=row.row,
         )
     prefix = "n" if row.hard_negative else "b"
     return Example(
@@ -177,6 +182,8 @@ def _plain(row: CorpusRow, config: CorpusConfig) -> Example:
         f"{prefix}-{row.row:05d}",
         row.source,
         hard_negative=row.hard_negative,
+        file="benign.csv",
+        row=row.row,
     )
 
 
@@ -195,7 +202,18 @@ def _extras(config: CorpusConfig, seen: set[str]) -> list[Example]:
             ident = f"x{n}-{token(extra.format)}-{i:05d}"
             domain = (extra.domain or f"extra_{extra.format}") if p.label else "benign"
             out.append(
-                Example(ident, p.text, p.label, domain, PLAIN, ident, p.source, hard_negative=p.hard_negative)
+                Example(
+                    ident,
+                    p.text,
+                    p.label,
+                    domain,
+                    PLAIN,
+                    ident,
+                    p.source,
+                    hard_negative=p.hard_negative,
+                    file=str(extra.path),
+                    row=i,
+                )
             )
     return out
 
@@ -263,6 +281,8 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
                     base.id,
                     base.source,
                     wrapper=w.id,
+                    file=base.file,
+                    row=base.row,
                 )
             )
     bad = [e.id for e in examples if trace_id_problem(e.id)]
@@ -273,6 +293,31 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
     if dupes:
         raise ValueError(f"corpus ids are not unique (e.g. {dupes[:3]}); report this as a bug")
     return examples
+
+
+def manifest(config: CorpusConfig, examples: list[Example]) -> dict[str, Any]:
+    """Which source rows a corpus used, per request id (never text): so a fresh test set can be
+    drawn from rows no corpus touched, without rebuilding the corpus in memory."""
+    return {
+        "schema": "routescan.corpus-manifest/1",
+        "recipe": config.name,
+        "seed": config.seed,
+        "examples": [
+            {
+                "id": e.id,
+                "label": e.label,
+                "source": e.source,
+                "file": e.file,
+                "row": e.row,
+                "domain": e.domain,
+                "family": e.super_family,
+                "wrapper": e.wrapper,
+                "base": e.base,
+                "hard_negative": e.hard_negative,
+            }
+            for e in examples
+        ],
+    }
 
 
 def summarize(examples: list[Example]) -> dict[str, Any]:
