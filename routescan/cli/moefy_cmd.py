@@ -85,13 +85,17 @@ def _moefy(config: Path, out: Path, corpora: Path, base: Path | None, threads: i
         disable=bool(os.environ.get("ROUTESCAN_NO_PROGRESS")),
     ) as bar:
         tasks: dict[str, int] = {}
+        tenths: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
-            if not console.is_terminal and (done == total or done % max(1, total // 10) == 0):
-                # a log file gets no live bar: leave a line per tenth so a long build can be followed
+            tenth = done * 10 // max(total, 1)
+            if not console.is_terminal and tenth > tenths.get(stage, -1):
+                # a log file gets no live bar: a line each time a tenth is crossed (progress comes in
+                # batches, so an exact multiple of total / 10 may never be hit)
+                tenths[stage] = tenth
                 console.print(f"{stage}: {done}/{total}", highlight=False)
 
         report = build_reference_moe(spec, corpora=corpora, out=out, base=base, progress=progress)
