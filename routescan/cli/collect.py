@@ -75,8 +75,7 @@ def corpus_rows(recipe: Path, corpora: Path) -> tuple[list[PromptRow], dict]:
         highlight=False,
     )
     rows = [PromptRow(i, e.text, e.id, e.labels()) for i, e in enumerate(examples)]
-    # similar lengths share a batch, so padding does not multiply the cost of the long wrapped requests
-    return sorted(rows, key=lambda r: len(r.text)), manifest(config, examples)
+    return rows, manifest(config, examples)
 
 
 def _cupti_stream(loaded, requests, names: list[str], max_tokens: int, aggregate: bool):
@@ -279,6 +278,10 @@ def _collect(**kw) -> None:
     paths = output_paths(kw["out"], names)
     staging, done = _open_outputs(paths, kw["resume"])
     todo = [r for r in rows if r.trace_id not in (done or set())]
+    if corpus_manifest is not None:
+        # similar lengths share a batch, so padding does not multiply the cost of the long wrapped
+        # requests (a prompt file keeps its order: sort it by length yourself for the same gain)
+        todo.sort(key=lambda r: len(r.text))
     if done:
         console.print(f"resuming: {len(rows) - len(todo)} of {len(rows)} requests already collected")
 
