@@ -9,20 +9,11 @@ import psycopg
 import pytest
 
 from routescan.service.store import AuditRecord, StoreError, StoreOpenError, open_audit_store
+from routescan.service.store.export import EXPORT_COLUMNS
 from routescan.service.store.postgres import SCHEMA_VERSION, redact
 
 # What an audit row holds, in order: ids, score, label, detector, time. Never text.
-AUDIT_COLUMNS = (
-    "id",
-    "trace_id",
-    "model_id",
-    "score",
-    "label",
-    "detector_id",
-    "detector_version",
-    "operating_point",
-    "created",
-)
+AUDIT_COLUMNS = EXPORT_COLUMNS
 
 
 def record(
