@@ -1,4 +1,4 @@
-"""Typed FastAPI dependencies: the running service, the settings, auth and the request body.
+"""Typed FastAPI dependencies: the running service, its store and metrics, auth and the request body.
 
 Auth is a dependency of every private router, and FastAPI resolves router dependencies before the
 body dependency, so a request without the token is refused before a byte of its body is read.
@@ -14,7 +14,6 @@ from fastapi import Depends, HTTPException, Request
 
 from routescan.service.metrics import Metrics
 from routescan.service.scoring import ScoringService
-from routescan.service.settings import ServiceSettings
 from routescan.service.store import AuditStore
 
 JSON_TYPES = ("application/json",)
@@ -30,10 +29,6 @@ class Runtime:
     store: AuditStore
 
 
-async def get_settings(request: Request) -> ServiceSettings:
-    return request.app.state.settings
-
-
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -45,9 +40,7 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 # The hot path's dependencies take the Request itself rather than other dependencies: FastAPI's
