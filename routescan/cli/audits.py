@@ -50,12 +50,6 @@ def audits(
     friendly_errors(_audits)(audit_store, since, until, label, model_id, out, limit, config)
 
 
-def _utc(value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-
-
 def _audits(
     audit_store: str | None,
     since: datetime | None,
@@ -67,7 +61,7 @@ def _audits(
     config: Path | None,
 ) -> None:
     from routescan.service.settings import load_settings
-    from routescan.service.store import open_audit_store
+    from routescan.service.store import epoch_seconds, open_audit_store
     from routescan.service.store.export import export_audits
 
     if label not in (None, "flagged", "ok"):
@@ -76,7 +70,12 @@ def _audits(
         raise ValueError("--limit is at least 1")
     target = load_settings(config, audit_store=audit_store).audit_store_target()
     store = open_audit_store(target, read_only=True)
-    filters = {"since": _utc(since), "until": _utc(until), "label": label, "model_id": model_id}
+    filters = {
+        "since": epoch_seconds(since),
+        "until": epoch_seconds(until),
+        "label": label,
+        "model_id": model_id,
+    }
     try:
         if out is not None:
             console.print(f"exporting from {store.location} to {out}", highlight=False)

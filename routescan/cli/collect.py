@@ -12,6 +12,7 @@ import typer
 from routescan.cli.common import ProgressLines, console, defaults, friendly_errors
 from routescan.corpus.builder import CorpusConfig, build_corpus, manifest, summarize
 from routescan.corpus.prompts import PromptRow, demo_prompts_path, read_prompts
+from routescan.files import atomic_path
 from routescan.models.tiny import tiny_model_types
 from routescan.telemetry.io import append_jsonl, read_traces, trace_format, write_traces
 from routescan.telemetry.registry import available_launch_models, load_launch_model
@@ -346,9 +347,8 @@ def _collect(**kw) -> None:
     if corpus_manifest is not None:
         out_path = Path(kw["out"])
         target = out_path.with_name(out_path.name.split(".")[0] + ".manifest.json")
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(corpus_manifest, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(corpus_manifest, indent=1) + "\n", encoding="utf-8")
         console.print(f"wrote {target} (the source rows this corpus used; no text)")
     summary = {
         "requests": len(rows),

@@ -102,15 +102,13 @@ def _score(
         if not pending:
             return
         try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                scored = scorer.score([t for _, t in pending], check=False)  # each was checked when queued
+            scored = scorer.score([t for _, t in pending], check=False)  # each was checked when queued
             results = list(zip(pending, scored, strict=True))
         except InputRejected:  # one row out of range: score the chunk row by row to name it
             results = []
             for number, trace in pending:
                 try:
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        results.append(((number, trace), scorer.score([trace], check=False)[0]))
+                    results.append(((number, trace), scorer.score([trace], check=False)[0]))
                 except InputRejected as exc:
                     skip(number, exc)
         for (number, trace), s in results:

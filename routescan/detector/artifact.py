@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import expit
 
 from routescan.features.fingerprint import Fingerprint, FingerprintMismatch, FingerprintSpec
+from routescan.files import atomic_path
 from routescan.telemetry.schema import RequestTrace
 
 CARD_SCHEMA: Literal["routescan.detector/1"] = "routescan.detector/1"
@@ -197,13 +198,10 @@ class Detector:
         import skops.io as sio
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         card = self.card.model_copy(update={"estimator_type": type_name(self.estimator)})
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("card.json", card.model_dump_json(indent=2))
             zf.writestr("estimator.skops", sio.dumps(self.estimator))
-        tmp.replace(path)
         return path
 
     @classmethod

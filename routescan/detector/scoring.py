@@ -25,6 +25,7 @@ from routescan.detector.artifact import (
     OperatingPoint,
 )
 from routescan.features.fingerprint import Fingerprint
+from routescan.files import atomic_path
 from routescan.telemetry.schema import RequestTrace
 
 Label = Literal["flagged", "ok"]
@@ -116,7 +117,8 @@ class Scorer:
             except (DetectorMismatch, InputRejected) as exc:
                 raise type(exc)(f"item {index}: {exc}" if len(items) > 1 else str(exc)) from None
         X = self.features(items)
-        scores = self.detector.predict_proba(X)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite score is refused below, not warned
+            scores = self.detector.predict_proba(X)
         bad = np.flatnonzero(~np.isfinite(X).all(axis=1) | ~np.isfinite(scores))
         if bad.size:
             where = f"item {bad[0]}: " if len(items) > 1 else ""
@@ -142,9 +144,7 @@ def write_scores(out: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Scores as JSONL (each row's trace labels under ``labels``) or CSV (``labels.<key>`` columns),
     written to a temporary file and renamed, so a crash never leaves half a file. ``verdict`` is
     flagged / ok: a trace label named ``label`` keeps its own column."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8", newline="") as fh:
         if out.suffix.lower() == ".csv":
             keys = list(dict.fromkeys(k for r in rows for k in r["labels"]))
             writer = csv.writer(fh)
@@ -157,7 +157,6 @@ def write_scores(out: Path, rows: Sequence[dict[str, Any]]) -> None:
                     json.dumps({**{c: r[c] for c in SCORE_COLUMNS}, "labels": r["labels"]}, allow_nan=False)
                 )
                 fh.write("\n")
-    tmp.replace(out)
 
 
 def binary_labels(values: Sequence[Any]) -> np.ndarray | None:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routescan.features.fingerprint import Fingerprint, FingerprintSpec
+from routescan.files import atomic_path
 
 _SPEC_KEY = b"routescan.fingerprint_spec"
 _META_COLUMNS = ("trace_id", "model_id", "launch_model", "row")
@@ -49,15 +50,12 @@ def _arrow_type(values: list[Any]) -> pa.DataType:
 
 def write_table(path: str | Path, spec: FingerprintSpec, fingerprints: Iterable[Fingerprint]) -> int:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fps = list(fingerprints)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
             fh.write(json.dumps({"fingerprint_spec": spec.model_dump(mode="json")}) + "\n")
             for fp in fps:
                 fh.write(fp.model_dump_json(exclude_none=True) + "\n")
-        tmp.replace(path)
         return len(fps)
     if path.suffix.lower() not in (".parquet", ".pq"):
         raise ValueError(f"{path}: write fingerprints as .parquet or .jsonl")
@@ -81,9 +79,8 @@ def write_table(path: str | Path, spec: FingerprintSpec, fingerprints: Iterable[
     for j, name in enumerate(names):
         columns[name] = pa.array(matrix[:, j], pa.float64())
     table = pa.table(columns).replace_schema_metadata({_SPEC_KEY: spec.model_dump_json().encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return len(fps)
 
 

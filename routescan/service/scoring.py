@@ -9,6 +9,7 @@ identifier.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -16,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import anyio
-import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
@@ -137,9 +137,10 @@ class ScoringService:
         self.alerts = alerts
         self._limiter = anyio.CapacityLimiter(settings.parse_threads)
 
-    def evaluate(self, body: bytes, batch: bool) -> list[Scored]:
-        """CPU work of one request: parse, check, featurise, score."""
-        if len(body) > self.settings.inline_parse_bytes:
+    def evaluate(self, body: bytes, batch: bool, large: bool) -> list[Scored]:
+        """CPU work of one request: parse, check, featurise, score (a large body is first checked
+        for field floods, which pydantic-core would otherwise spend seconds refusing)."""
+        if large:
             check_structure(body)
         items: list[ScoreRequest]
         if batch:
@@ -149,16 +150,17 @@ class ScoringService:
         else:
             items = [parse(body, ScoreRequest)]
         inputs = [i.trace if i.trace is not None else i.fingerprint for i in items]
-        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite score is refused, not warned
-            return self.scorer.score(inputs)  # type: ignore[arg-type]
+        return self.scorer.score(inputs)  # type: ignore[arg-type]
 
     async def score(self, body: bytes, *, batch: bool) -> tuple[list[ScoreResult], float]:
         """Score a request body and record every result before acknowledging any."""
         start = time.perf_counter()
         if len(body) <= self.settings.inline_parse_bytes:
-            scored = self.evaluate(body, batch)
+            scored = self.evaluate(body, batch, large=False)
         else:  # a big body would hold the event loop (and every probe) for its whole parse
-            scored = await anyio.to_thread.run_sync(self.evaluate, body, batch, limiter=self._limiter)
+            scored = await anyio.to_thread.run_sync(
+                functools.partial(self.evaluate, body, batch, large=True), limiter=self._limiter
+            )
         card, point, now = self.scorer.card, self.scorer.point, time.time()
         records = [
             AuditRecord(

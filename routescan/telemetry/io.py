@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from routescan.files import atomic_path
 from routescan.telemetry.schema import RequestTrace
 
 _DIM3 = pa.list_(pa.int64(), 3)
@@ -105,21 +106,18 @@ def _from_row(row: dict) -> dict:
 
 def write_traces(path: str | os.PathLike[str], traces: Iterable[RequestTrace]) -> int:
     """Write traces to a new file, atomically (a temporary file renamed into place)."""
-    path = Path(path)
     fmt = trace_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    if fmt == "jsonl":
-        with tmp.open("w", encoding="utf-8") as fh:
-            for trace in traces:
-                fh.write(trace.model_dump_json(exclude_none=True) + "\n")
-                count += 1
-    else:
-        rows = [_to_row(t) for t in traces]
-        count = len(rows)
-        pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if fmt == "jsonl":
+            with tmp.open("w", encoding="utf-8") as fh:
+                for trace in traces:
+                    fh.write(trace.model_dump_json(exclude_none=True) + "\n")
+                    count += 1
+        else:
+            rows = [_to_row(t) for t in traces]
+            count = len(rows)
+            pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), tmp, compression="zstd")
     return count
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 
 from routescan.service.deps import Authorized, StoreDep
 from routescan.service.schemas import AuditPage, AuditRow
+from routescan.service.store import epoch_seconds
 
 router = APIRouter(prefix="/v1", tags=["audits"], dependencies=[Authorized])
 
@@ -31,8 +32,8 @@ async def audits(
     page's ``next_after``); ``offset`` / ``next_offset`` still work. Both are null on the last page."""
     rows = await anyio.to_thread.run_sync(
         lambda: store.query(
-            since=_ts(since),
-            until=_ts(until),
+            since=epoch_seconds(since),
+            until=epoch_seconds(until),
             label=label,
             model_id=model_id,
             after_id=after,
@@ -47,11 +48,3 @@ async def audits(
         next_offset=offset + limit if more else None,
         next_after=items[-1].id if more else None,
     )
-
-
-def _ts(value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()

@@ -12,6 +12,7 @@ from routescan.service.store.base import (
     StoreHealth,
     StoreOpenError,
     StoreReadError,
+    epoch_seconds,
 )
 from routescan.service.store.sqlite import SQLiteAuditStore
 
@@ -47,5 +48,6 @@ __all__ = [
     "StoreHealth",
     "StoreOpenError",
     "StoreReadError",
+    "epoch_seconds",
     "open_audit_store",
 ]

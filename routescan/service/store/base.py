@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger("routescan.store")
@@ -57,6 +58,13 @@ class AuditRecord:
         # the service refuses non-finite scores with a 4xx first; this keeps a store honest alone
         if not math.isfinite(self.score):
             raise ValueError("an audit record's score must be a finite number")
+
+
+def epoch_seconds(value: datetime | None) -> float | None:
+    """A query bound as the store compares it: seconds since the epoch, a naive time read as UTC."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 class StoreError(RuntimeError):
@@ -204,7 +212,7 @@ class AuditStore(ABC):
     def submit(self, records: list[AuditRecord]) -> Future[int]:
         """Queue records; the future resolves with the number written once they are committed."""
         future: Future[int] = Future()
-        if self._thread is None or not self._thread.is_alive():
+        if not self._writer_alive:
             future.set_exception(StoreError("the audit store is not running"))
             return future
         self._queue.put((records, future))
@@ -234,10 +242,7 @@ class AuditStore(ABC):
             try:
                 self._commit(batch)
             except Exception as exc:  # the writer must outlive anything one batch does
-                self._failing = True
-                message = self._error("write", exc)
-                for _, future in batch:
-                    _resolve(future, error=StoreError(message))
+                self._fail_group(batch, exc)
             if stop:
                 return
             if time.monotonic() - self._last_purge >= self.purge_interval_s:
@@ -247,40 +252,42 @@ class AuditStore(ABC):
         """Why no commit may happen now (None: go ahead)."""
         return None
 
+    def _fail_group(self, batch: Batch, exc: BaseException) -> None:
+        """The whole group failed: count and log it once, and refuse every request still waiting."""
+        self._failing = True
+        message = self._error("write", exc)
+        for _, future in batch:
+            if not future.done():
+                _resolve(future, error=StoreError(message))
+
     def _commit(self, batch: Batch) -> None:
         refusal = self._check_before_commit()
         if refusal is not None:
-            self._failing = True
-            message = self._error("write", RuntimeError(refusal))
-            for _, future in batch:
-                _resolve(future, error=StoreError(message))
+            self._fail_group(batch, RuntimeError(refusal))
             return
         live = [(records, future) for records, future in batch if not future.cancelled()]
         if not live:
             return
+        rows = [r for records, _ in live for r in records]
         with self._writer_connection() as conn:
-            self._prepare(conn, [r for records, _ in live for r in records])
+            self._prepare(conn, rows)
             try:
-                done = self._commit_group(conn, live)
+                done = self._commit_group(conn, live, rows)
             except self.db_errors as exc:
-                self._failing = True
-                message = self._error("write", exc)
                 with contextlib.suppress(*self.db_errors):
                     conn.execute("ROLLBACK")
-                for _, future in live:
-                    if not future.done():
-                        _resolve(future, error=StoreError(message))
+                self._fail_group(live, exc)
                 return
         self._failing = False
         for future, count in done:
             _resolve(future, result=count)
 
-    def _commit_group(self, conn: Any, live: Batch) -> list[tuple[Future[int], int]]:
+    def _commit_group(self, conn: Any, live: Batch, rows: list[AuditRecord]) -> list[tuple[Future[int], int]]:
         """One transaction for the whole group: all rows in one bulk insert when the database takes
         them (one round trip), else each request in its own savepoint so only the refused fail."""
         conn.execute(self.begin_statement)
         try:
-            self._insert_all(conn.cursor(), [r for records, _ in live for r in records])
+            self._insert_all(conn.cursor(), rows)
         except self.db_errors as exc:
             if _connection_lost(exc):
                 raise
@@ -364,11 +371,18 @@ class AuditStore(ABC):
             after = rows[-1]["id"]
 
     # -- health ---------------------------------------------------------------------------------
+    @property
+    def _writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def writable(self) -> bool:
-        """Whether a write would commit now. After a failed commit the probe commits a real write
-        (a full disk or an I/O error shows only then); otherwise taking the write lock suffices."""
-        if self._thread is None or not self._thread.is_alive() or not self._present():
-            return False
+        """Whether a write would commit now (the writer runs, the database is there, a probe goes
+        through)."""
+        return self._writer_alive and self._present() and self._probe_ok()
+
+    def _probe_ok(self) -> bool:
+        """After a failed commit the probe commits a real write (a full disk or an I/O error shows
+        only then); otherwise taking the write lock suffices."""
         try:
             self._probe(commit=self._failing)
         except Exception as exc:
@@ -379,9 +393,9 @@ class AuditStore(ABC):
         return True
 
     def health(self) -> StoreHealth:
-        alive = self._thread is not None and self._thread.is_alive()
+        alive = self._writer_alive
         present = self._present()
-        writable = alive and present and self.writable()
+        writable = alive and present and self._probe_ok()
         return StoreHealth(
             ready=writable,
             writer_alive=alive,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from routescan.files import atomic_path
 from routescan.service.store.base import COLUMNS, AuditStore
 
 EXPORT_COLUMNS = ("id", *COLUMNS)
@@ -33,8 +33,6 @@ def export_audits(
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
         raise ValueError(f"{out}: export as {', '.join(FORMATS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     rows: Iterable[dict[str, Any]] = store.iter_all(**filters)
     count = 0
 
@@ -46,7 +44,7 @@ def export_audits(
                 on_row(count)
             yield {**row, "created": _iso(row["created"])}
 
-    try:
+    with atomic_path(out) as tmp:
         if suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -64,7 +62,4 @@ def export_audits(
                 else:
                     for row in counted():
                         fh.write(json.dumps(row) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return count

@@ -44,9 +44,10 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 _PARTITION = re.compile(r"^audits_p(\d{8})$")
-_INSERT = (
-    f"INSERT INTO audits ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * (len(COLUMNS) - 1))}, "
-    "to_timestamp(%s))"
+_INSERT = f"INSERT INTO audits ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+_PARTITIONS = (
+    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+    "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audits' ORDER BY 1"
 )
 
 
@@ -62,6 +63,15 @@ def redact(url: str) -> str:
     host = parts.get("host") or "localhost"
     port = f":{parts['port']}" if parts.get("port") else ""
     return f"postgresql://{user}{host}{port}/{parts.get('dbname', '')}"
+
+
+def _row(r: AuditRecord) -> tuple[Any, ...]:
+    """A record as the table's columns, in COLUMNS order (``created`` a timestamptz)."""
+    return tuple(datetime.fromtimestamp(r.created, UTC) if c == "created" else getattr(r, c) for c in COLUMNS)
+
+
+def _partition_names(conn: Any) -> list[str]:
+    return [name for (name,) in conn.execute(_PARTITIONS).fetchall()]
 
 
 def _day(ts: float) -> date:
@@ -174,24 +184,13 @@ class PostgresAuditStore(AuditStore):
         self._ensure_partitions(conn, {_day(r.created) for r in records})
 
     def _insert(self, cursor: Any, records: Sequence[AuditRecord]) -> None:
-        cursor.executemany(_INSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in records])
+        cursor.executemany(_INSERT, [_row(r) for r in records])
 
     def _insert_all(self, cursor: Any, records: Sequence[AuditRecord]) -> None:
         # COPY: one round trip for the whole group, whatever its size
         with cursor.copy(f"COPY audits ({', '.join(COLUMNS)}) FROM STDIN") as copy:
             for r in records:
-                copy.write_row(
-                    (
-                        r.trace_id,
-                        r.model_id,
-                        r.score,
-                        r.label,
-                        r.detector_id,
-                        r.detector_version,
-                        r.operating_point,
-                        datetime.fromtimestamp(r.created, UTC),
-                    )
-                )
+                copy.write_row(_row(r))
 
     def _purge(self, cutoff: float) -> int:
         """Drop every daily partition that ends at or before the cutoff."""
@@ -199,15 +198,12 @@ class PostgresAuditStore(AuditStore):
         dropped = 0
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-            rows = conn.execute(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audits'"
-            ).fetchall()
-            for (name,) in rows:
+            for name in _partition_names(conn):
                 match = _PARTITION.match(name)
-                if match and datetime.strptime(match.group(1), "%Y%m%d").date() <= last_expired:
+                day = datetime.strptime(match.group(1), "%Y%m%d").date() if match else None
+                if day is not None and day <= last_expired:
                     conn.execute(f"DROP TABLE {name}")
-                    self._partitions.discard(datetime.strptime(match.group(1), "%Y%m%d").date())
+                    self._partitions.discard(day)
                     dropped += 1
         return dropped
 
@@ -243,8 +239,5 @@ class PostgresAuditStore(AuditStore):
 
     def iter_partitions(self) -> Iterator[str]:
         with self._pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audits' ORDER BY 1"
-            ).fetchall()
-        yield from (name for (name,) in rows)
+            names = _partition_names(conn)
+        yield from names
