@@ -36,49 +36,48 @@ from routescan.agent import RouteScanAgent, TraceSender, padded_spans  # noqa: E
 from routescan.corpus.prompts import demo_prompts_path, read_prompts  # noqa: E402
 from routescan.models.batching import pad_batch  # noqa: E402
 from routescan.models.loading import load_tiny  # noqa: E402
-from routescan.telemetry.registry import load_launch_model  # noqa: E402
 
 
-def build_cost_table(n: int = 60) -> list[str]:
+def build_cost_table(n: int = 200) -> list[str]:
     """Sender-thread work per trace at the primary reference MoE's shape (30 layers x 32 experts,
-    top-16), where the tiny model above understates it: build + serialise, per launch model."""
-    from routescan.telemetry.emulated import LayerShape, RoutingCounts, trace_from_routing
+    top-16), where the tiny model above understates it: build the trace/2 record from the counts and
+    serialise it, in the binary wire form the sender posts and as JSON (the spool's form)."""
+    from benchlib import PRIMARY_SHAPE, primary_shape_traces
 
-    rng = np.random.default_rng(0)
-    dims = {"E": 32, "K": 16, "H": 576, "I": 48, "SI": 0, "G": 2}
-    shapes = [LayerShape(layer, 32, 16, dims) for layer in range(30)]
-    out = [
+    from routescan.telemetry.collector import LayerShape, routing_trace
+    from routescan.telemetry.io import trace_json
+    from routescan.telemetry.schema import LayerDims
+    from routescan.telemetry.wire import packb, trace_payload
+
+    s = PRIMARY_SHAPE
+    shapes = [LayerShape(i, s["experts"], s["top_k"], LayerDims(**s["dims"])) for i in range(s["layers"])]
+    sample = primary_shape_traces(n, seed=3)
+    rows = []
+    for name, encode in (
+        ("MessagePack (sent)", lambda t: packb(trace_payload(t))),
+        ("JSON (spooled)", trace_json),
+    ):
+        times, sizes = [], []
+        for t in sample:
+            started = time.perf_counter()
+            trace = routing_trace(
+                "m", shapes, t.counts.flat, t.prompt_tokens, trace_id=t.trace_id, collector="agent"
+            )
+            sizes.append(len(encode(trace)))
+            times.append(time.perf_counter() - started)
+        times.sort()
+        rows.append(
+            f"| {name} | {statistics.median(times) * 1e3:.3f} | {times[int(0.99 * len(times))] * 1e3:.3f} "
+            f"| {statistics.mean(sizes) / 1024:.1f} |"
+        )
+    return [
         "Sender work per trace at the primary reference MoE's shape (30 layers x 32 experts, top-16; "
-        f"median of {n} requests of 20-400 tokens): build + serialise in the sender thread.",
+        f"{n} requests of 20-300 tokens): build the trace/2 record from the counts and serialise it.",
         "",
-        "| launch model | per-kernel launches: ms / kB | aggregated (agent default): ms / kB |",
-        "|---|---|---|",
+        "| encoding | build + serialise, median (ms) | p99 (ms) | bytes per trace (KiB) |",
+        "|---|---:|---:|---:|",
+        *rows,
     ]
-    for name in ("hf-eager", "router", "vllm-fused-moe"):
-        lm = load_launch_model(name)
-        cells = []
-        for aggregate in (False, True):
-            times, size = [], 0
-            for i in range(n):
-                tokens = int(rng.integers(20, 400))
-                counts = {
-                    layer: rng.multinomial(tokens * 16, np.ones(32) / 32).tolist() for layer in range(30)
-                }
-                started = time.perf_counter()
-                trace = trace_from_routing(
-                    "m",
-                    shapes,
-                    lm,
-                    RoutingCounts(tokens, counts),
-                    trace_id=f"t{i}",
-                    collector="bench",
-                    aggregate=aggregate,
-                )
-                size = len(trace.model_dump_json(exclude_none=True))
-                times.append(time.perf_counter() - started)
-            cells.append(f"{statistics.median(times) * 1e3:.2f} / {size / 1e3:.0f}")
-        out.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    return out
 
 
 def main() -> None:
@@ -112,9 +111,7 @@ def main() -> None:
         time.sleep(0.1)
 
     sender = TraceSender(f"unix://{sock}", spool=tmp / "spool.jsonl")
-    agent = RouteScanAgent(
-        loaded.model, sender, model_id=loaded.model_id, launch_model=load_launch_model("hf-eager")
-    )
+    agent = RouteScanAgent(loaded.model, sender, model_id=loaded.model_id)
 
     def prefill(with_agent: bool, step: int) -> float:
         names = [f"s{step}-{i}" for i in range(len(ids))]
@@ -167,7 +164,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}. Tiny Mixtral (3 MoE layers x 8 experts), batches of {len(ids)} prompts "
         f"({int(att.sum())} tokens); {args.rounds} rounds of one {args.block}-step block per arm, arm "
-        "order shuffled per round; traces built with the hf-eager launch model in the sender thread and "
+        "order shuffled per round; trace/2 records (routed counts) built in the sender thread and "
         "posted to a real daemon on a Unix socket. A block's figures cover all its work: the agent's "
         "block ends only after the sender has sent or spooled every trace. *Wall* includes the sender's "
         "50 ms batching wait at the end of a block (latency, not work); *CPU* is this process's CPU "

@@ -5,8 +5,9 @@
 
 Both sides run the same model (experts_implementation="eager") on the same token ids. The
 collector side adds what runs on the forward path: the router hooks and the per-(layer, expert)
-counts (EmulatedCollector.route). Building the trace through the launch model is timed apart: it
-needs only the counts, so it can run off the forward path (a background thread, or the daemon).
+counts (EmulatedCollector.route_tokens). Building the trace/2 record from the counts is timed apart:
+it can run off the forward path (the agent's sender thread); the launch model is applied when the
+trace is featurised (here, or in the daemon), timed as *featurize*.
 Medians of interleaved runs. Writes the `collect` section of docs/benchmarks.md.
 """
 
@@ -29,8 +30,8 @@ from routescan.models.adapters import RoutingRecorder, get_adapter
 from routescan.models.loading import LoadedMoE
 from routescan.models.tiny import build_tiny_moe
 from routescan.models.tokenizer import ByteTokenizer
-from routescan.telemetry.emulated import EmulatedCollector, Request, layer_shapes, trace_from_routing
-from routescan.telemetry.registry import load_launch_model
+from routescan.telemetry.collector import layer_shapes, routed_counts, routing_trace
+from routescan.telemetry.emulated import EmulatedCollector, Request
 
 # The compute shape of the MoEfied SmolLM2-135M 16-expert top-4 reference design (hidden 576,
 # 30 layers, 9 heads / 3 KV heads, FFN 1536 split into 16 experts of 96 neurons, vocab 49152),
@@ -72,6 +73,7 @@ def collector_work(loaded: LoadedMoE, collector: EmulatedCollector, ids: torch.T
 
         return hook
 
+    shapes = layer_shapes(loaded.adapter)
     samples = []
     RoutingRecorder._hook_for = timed_hook_for  # type: ignore[method-assign]
     try:
@@ -80,14 +82,16 @@ def collector_work(loaded: LoadedMoE, collector: EmulatedCollector, ids: torch.T
             with torch.inference_mode(), loaded.adapter.record() as recorder:
                 loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
                 start = time.perf_counter()
-                collector.count(recorder.selections(), [ids.shape[1]], ids.shape[1])
+                routed_counts(recorder.selections(), 0, ids.shape[1], shapes)
                 samples.append(spent[0] + time.perf_counter() - start)
     finally:
         RoutingRecorder._hook_for = original  # type: ignore[method-assign]
     return median(samples)
 
 
-def measure(loaded: LoadedMoE, collector: EmulatedCollector, length: int, repeats: int) -> dict[str, float]:
+def measure(
+    loaded: LoadedMoE, collector: EmulatedCollector, length: int, repeats: int, launch_model: str
+) -> dict[str, float]:
     request = Request("bench", text_of(length, length))
     ids = torch.tensor([loaded.encoder.encode(request.text)])
     assert ids.shape[1] == length
@@ -99,7 +103,7 @@ def measure(loaded: LoadedMoE, collector: EmulatedCollector, length: int, repeat
             )
 
     def hot_path() -> None:
-        collector.route([request])
+        collector.route_tokens([ids[0].tolist()])
 
     timed(plain, 0, warmup=1)
     timed(hot_path, 0, warmup=1)
@@ -112,17 +116,16 @@ def measure(loaded: LoadedMoE, collector: EmulatedCollector, length: int, repeat
             hot_t += timed(hot_path, 1, warmup=0)
             plain_t += timed(plain, 1, warmup=0)
     own = collector_work(loaded, collector, ids, n=max(5, repeats))
-    routing = collector.route([request])[0]
-    lm = collector.launch_models[0]
+    counts = collector.route_tokens([ids[0].tolist()])[0]
     shapes = layer_shapes(loaded.adapter)
-    trace = trace_from_routing(loaded.model_id, shapes, lm, routing, trace_id="bench", collector="emulated")
-    spec = FingerprintSpec.from_trace(trace)
+
+    def build():
+        return routing_trace(loaded.model_id, shapes, counts, length, trace_id="b", collector="emulated")
+
+    trace = build()
+    spec = FingerprintSpec.from_trace(trace, launch_model)
     n = max(20, repeats)
-    build_t = timed(
-        lambda: trace_from_routing(loaded.model_id, shapes, lm, routing, trace_id="b", collector="emulated"),
-        n,
-        warmup=2,
-    )
+    build_t = timed(build, n, warmup=2)
     feat_t = timed(lambda: spec.transform(trace), n, warmup=2)
     p, h, b = median(plain_t), median(hot_t), median(build_t)
     return {
@@ -135,7 +138,6 @@ def measure(loaded: LoadedMoE, collector: EmulatedCollector, length: int, repeat
         "build_ms": b * 1e3,
         "inline_pct": 100 * (h + b - p) / p,
         "feat_ms": median(feat_t) * 1e3,
-        "launches": len(trace.launches),
         "kib": len(trace.model_dump_json(exclude_none=True)) / 1024,
     }
 
@@ -154,9 +156,7 @@ def main() -> None:
 
     model = build_tiny_moe("mixtral", seed=0, **SHAPES[args.shape])
     loaded = LoadedMoE(model, ByteTokenizer(), get_adapter(model), f"bench-{args.shape}")
-    collector = EmulatedCollector(
-        loaded, [load_launch_model(args.launch_model)], batch_size=1, max_tokens=max(args.lengths)
-    )
+    collector = EmulatedCollector(loaded, batch_size=1, max_tokens=max(args.lengths))
     layer = loaded.adapter.layers[0]
     shape = (
         f"{len(loaded.adapter.layers)} MoE layers, {layer.num_experts} experts of {layer.intermediate} "
@@ -166,7 +166,7 @@ def main() -> None:
 
     rows = []
     for length in args.lengths:
-        row = measure(loaded, collector, length, args.repeats)
+        row = measure(loaded, collector, length, args.repeats, args.launch_model)
         rows.append(row)
         print(
             f"{row['tokens']:5d} tokens  plain {row['plain_ms']:8.1f} ms  "
@@ -200,20 +200,20 @@ def main() -> None:
         "noisy forward timings on a shared 2-core VM;",
         "- *collector's own work*: the same cost measured directly (time inside the router hooks plus "
         "reading out and counting the selections), and its share of the plain forward: the robust figure;",
-        "- *trace build*: launch model + trace validation from the counts, which can run off the forward "
-        "path; *inline total* is the overhead if it runs right after the forward on the same thread.",
+        "- *trace build*: the trace/2 record from the counts (validated), which can run off the forward "
+        "path; *inline total* is the overhead if it runs right after the forward on the same thread;",
+        f"- *featurize*: the launch model ({args.launch_model}) applied to the counts and the fingerprint "
+        "computed, where the trace is scored.",
         "",
         "| prompt tokens | plain forward (ms) | hooks + counts (ms) | overhead | collector's own work (ms) "
-        "| own work / forward | trace build (ms) | inline total | featurize (ms/trace) | launches/trace "
-        "| trace JSON (KiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| own work / forward | trace build (ms) | inline total | featurize (ms/trace) | trace JSON (KiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         body.append(
             f"| {r['tokens']} | {r['plain_ms']:.1f} | {r['hot_ms']:.1f} | {r['hot_pct']:+.2f}% | "
             f"{r['own_ms']:.2f} | {r['own_pct']:.2f}% | "
-            f"{r['build_ms']:.2f} | {r['inline_pct']:+.2f}% | {r['feat_ms']:.3f} | {r['launches']} | "
-            f"{r['kib']:.0f} |"
+            f"{r['build_ms']:.2f} | {r['inline_pct']:+.2f}% | {r['feat_ms']:.3f} | {r['kib']:.1f} |"
         )
     worst_own = max(r["own_pct"] for r in rows)
     worst_own_inline = max((r["own_ms"] + r["build_ms"]) / r["plain_ms"] * 100 for r in rows)

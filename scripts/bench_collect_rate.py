@@ -4,9 +4,11 @@
 
 A seeded random sample of a corpus recipe (default: compact, 192 requests: plain, hard-negative
 and jailbreak-wrapped requests in their natural mix of lengths), sorted by length as `collect
---corpus` sorts it, is collected with each setting in turn (three signal sources, as the detector
-corpus is collected). The rate is the one `collect` itself prints at the end. The prompts go to a
-temporary file that is deleted; nothing is printed of them.
+--corpus` sorts it, is collected with each setting in turn (one trace/2 record of routed counts per
+request, from which every signal is derived, as the detector corpus is collected). The rate is the
+one `collect` itself prints at the end. The prompts go to a temporary file that is deleted; nothing
+is printed of them.
+
 """
 
 from __future__ import annotations
@@ -29,24 +31,21 @@ SETTINGS = {
     "defaults (eager experts, batch 4)": [],
     "eager, batch 8 (the previous default)": ["--batch-size", "8"],
     "eager, batch 32": ["--batch-size", "32"],
-    "masked_dense, --aggregate, batch 2": [
+    "masked_dense, batch 2": [
         "--experts-implementation",
         "masked_dense",
-        "--aggregate",
         "--batch-size",
         "2",
     ],
-    "masked_dense, --aggregate, batch 4": [
+    "masked_dense, batch 4": [
         "--experts-implementation",
         "masked_dense",
-        "--aggregate",
         "--batch-size",
         "4",
     ],
-    "masked_dense, --aggregate, batch 32": [
+    "masked_dense, batch 32": [
         "--experts-implementation",
         "masked_dense",
-        "--aggregate",
         "--batch-size",
         "32",
     ],
@@ -84,12 +83,6 @@ def main() -> None:
                     str(prompts),
                     "--id-column",
                     "id",
-                    "-l",
-                    "hf-eager",
-                    "-l",
-                    "router",
-                    "-l",
-                    "vllm-fused-moe",
                     "--out",
                     str(Path(tmp) / "t.jsonl"),
                     "--overwrite",
@@ -113,7 +106,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}, nothing else running. {args.requests} requests drawn at random (seed 0) "
         f"from the `{args.corpus.stem}` corpus (plain, hard-negative and wrapped, so lengths vary from a "
-        "few tokens to several hundred), sorted by length, three signal sources per request.",
+        "few tokens to several hundred), sorted by length, one trace/2 record per request.",
         "",
         "| setting | requests / min |",
         "|---|---:|",

@@ -50,3 +50,27 @@ def update_section(path: Path, name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+PRIMARY_SHAPE = {"layers": 30, "experts": 32, "top_k": 16, "dims": {"H": 576, "I": 40, "SI": 256, "G": 2}}
+
+
+def primary_shape_traces(n: int, seed: int = 0, model_id: str = "bench-primary-shape"):
+    """Routed-count traces of the primary reference MoE's shape (SmolLM2-135M MoEfied: 30 MoE layers,
+    32 experts, top-16, a shared expert), each token choosing top_k distinct experts at random, with
+    prompt lengths of 20-300 tokens: the size of record the agent sends for that model."""
+    import numpy as np
+
+    from routescan.telemetry.collector import LayerShape, routing_trace
+    from routescan.telemetry.schema import LayerDims
+
+    rng = np.random.default_rng(seed)
+    s = PRIMARY_SHAPE
+    shapes = [LayerShape(i, s["experts"], s["top_k"], LayerDims(**s["dims"])) for i in range(s["layers"])]
+    out = []
+    for i in range(n):
+        tokens = int(rng.integers(20, 300))
+        picks = rng.random((s["layers"], tokens, s["experts"])).argsort(axis=2)[:, :, : s["top_k"]]
+        counts = np.stack([np.bincount(p.reshape(-1), minlength=s["experts"]) for p in picks]).reshape(-1)
+        out.append(routing_trace(model_id, shapes, counts, tokens, trace_id=f"bench-{i}", collector="agent"))
+    return out

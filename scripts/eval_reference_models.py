@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 from routescan.corpus.unified import load_benign, load_harmful, sample  # noqa: E402
 from routescan.models.batching import pad_batch  # noqa: E402
 from routescan.models.loading import load_pretrained  # noqa: E402
-from routescan.models.moefy.convert import _common_prefix  # noqa: E402
+from routescan.models.moefy.convert import common_prefix  # noqa: E402
 from routescan.models.moefy.modules import MoEfiedMLP  # noqa: E402
 from routescan.models.moefy.sources import ResolvedBase, load_base  # noqa: E402
 from routescan.models.moefy.store import read_report  # noqa: E402
+from routescan.telemetry.emulated import EmulatedCollector  # noqa: E402
 
 
 def batches(
@@ -99,22 +100,11 @@ def oracle_routing(model) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def route_counts(loaded, seqs: Sequence[Sequence[int]], pad: int, batch: int = 16) -> np.ndarray:
+def route_counts(loaded, seqs: Sequence[Sequence[int]], batch: int = 16) -> np.ndarray:
     """Per sequence, per layer, per expert: routed-token counts ``[N, L, E]`` (padding excluded)."""
-    adapter = loaded.adapter
-    num_layers, num_experts = len(adapter.layers), adapter.layers[0].num_experts
-    out = np.zeros((len(seqs), num_layers, num_experts))
-    row = 0
-    for ids, att in batches(seqs, batch, pad):
-        with adapter.record() as rec:
-            loaded.model(input_ids=ids, attention_mask=att)
-        for li, (_, sel) in enumerate(sorted(rec.selections().items())):
-            sel = sel.reshape(ids.shape[0], ids.shape[1], -1)
-            for i in range(ids.shape[0]):
-                chosen = sel[i][att[i].bool()].flatten()
-                out[row + i, li] = np.bincount(chosen.numpy(), minlength=num_experts)
-        row += ids.shape[0]
-    return out
+    layers = loaded.adapter.layers
+    flat = EmulatedCollector(loaded, batch_size=batch, max_tokens=10**9).count_matrix(seqs)
+    return flat.reshape(len(seqs), len(layers), layers[0].num_experts).astype(float)
 
 
 @torch.inference_mode()
@@ -201,7 +191,7 @@ def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
     test = json.loads((corpora / "alpaca" / "harmless_test.json").read_text(encoding="utf-8"))
     texts = rng.sample([r["instruction"] for r in test if r.get("instruction")], args.ppl_prompts)
     seqs = [enc.encode(t)[: args.max_tokens] for t in texts]
-    prefix = _common_prefix(seqs)
+    prefix = common_prefix(seqs)
     print(f"[{report.name}] perplexity on {len(seqs)} Alpaca test prompts", file=sys.stderr)
     ppl_dense, pred_dense = lm_stats(dense, seqs, prefix, pad)
     ppl_moe, pred_moe = lm_stats(loaded.model, seqs, prefix, pad)
@@ -217,7 +207,7 @@ def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
     first = float(np.mean([int(a[-1] == b[-1]) for a, b in zip(pred_dense, pred_moe, strict=True)]))
 
     print(f"[{report.name}] routing load and stability", file=sys.stderr)
-    counts = route_counts(loaded, seqs, pad)
+    counts = route_counts(loaded, seqs)
     load = counts.sum(0)  # [L, E]
     p = shares(load)
     entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(-1) / math.log(p.shape[-1])
@@ -227,16 +217,16 @@ def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
         ("lowercase first letter", lambda t: t[:1].lower() + t[1:]),
     ]
     # template tokens after the user content: the common tail of two different requests
-    suffix = _common_prefix([enc.encode("alpha")[::-1], enc.encode("omega")[::-1]])
+    suffix = common_prefix([enc.encode("alpha")[::-1], enc.encode("omega")[::-1]])
     stab_texts = texts[: args.stability_prompts]
     stability = {}
-    base_counts = shares(route_counts(loaded, [enc.encode(t) for t in stab_texts], pad))
+    base_counts = shares(route_counts(loaded, [enc.encode(t) for t in stab_texts]))
     idx = list(range(len(stab_texts)))
     shuffled = idx[1:] + idx[:1]
     stability["random pairs"] = {"fingerprint_tv": float(tv(base_counts, base_counts[shuffled]).mean())}
     for name, edit in edits:
         edited = [edit(t) for t in stab_texts]
-        ec = shares(route_counts(loaded, [enc.encode(t) for t in edited], pad))
+        ec = shares(route_counts(loaded, [enc.encode(t) for t in edited]))
         pairs = [(enc.encode(a), enc.encode(b)) for a, b in zip(stab_texts, edited, strict=True)][:50]
         stability[name] = {
             "fingerprint_tv": float(tv(base_counts, ec).mean()),
@@ -262,8 +252,8 @@ def evaluate(moe_dir: Path, corpora: Path, args, dense_cache: dict) -> dict:
         args.signal_prompts,
         args.seed,
     )
-    h = shares(route_counts(loaded, [enc.encode(r.text)[: args.max_tokens] for r in harmful], pad))
-    b = shares(route_counts(loaded, [enc.encode(r.text)[: args.max_tokens] for r in benign], pad))
+    h = shares(route_counts(loaded, [enc.encode(r.text)[: args.max_tokens] for r in harmful]))
+    b = shares(route_counts(loaded, [enc.encode(r.text)[: args.max_tokens] for r in benign]))
     diff = h.mean(0) - b.mean(0)
     half = len(b) // 2
     null = b[:half].mean(0) - b[half:].mean(0)

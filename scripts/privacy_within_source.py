@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from routescan.corpus.builder import CorpusConfig, build_corpus  # noqa: E402
 from routescan.features.fingerprint import FingerprintSpec  # noqa: E402
-from routescan.privacy.inversion import _embed_texts, _split, content_words, word_recovery  # noqa: E402
+from routescan.privacy.inversion import content_words, embed_texts, holdout_split, word_recovery  # noqa: E402
 from routescan.telemetry.io import read_traces  # noqa: E402
 
 
@@ -35,12 +35,13 @@ def main() -> None:
     ap.add_argument("--min-rows", type=int, default=1000)
     ap.add_argument("--top-n", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "privacy-within-source.json")
+    ap.add_argument("--launch-model", "-l", default=None, help="signal (default: hf-eager for routed counts)")
     args = ap.parse_args()
 
     examples = {e.id: e for e in build_corpus(args.corpora, CorpusConfig.from_yaml(args.corpus))}
     traces = [t for t in read_traces(args.traces) if t.trace_id in examples]
     traces = [t for t in traces if examples[t.trace_id].family == "none"]
-    spec = FingerprintSpec.from_trace(traces[0])
+    spec = FingerprintSpec.from_trace(traces[0], args.launch_model)
     X = spec.transform_many(traces)
     sources = np.array([examples[t.trace_id].source for t in traces])
     out = {}
@@ -51,8 +52,8 @@ def main() -> None:
         if len(rows) < args.min_rows:
             continue
         texts = [examples[traces[k].trace_id].text for k in rows]
-        train, test = _split(len(rows), 0)
-        _, T = _embed_texts(texts, train, 0)
+        train, test = holdout_split(len(rows), 0)
+        _, T = embed_texts(texts, train, 0)
         words = [content_words(t) for t in texts]
         r = word_recovery({"fingerprint": X[rows], "text": T}, words, train, test, top_n=args.top_n, seed=0)
         f1 = {k: v["f1"] for k, v in r.items() if isinstance(v, dict)}

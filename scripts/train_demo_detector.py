@@ -23,7 +23,6 @@ from routescan.detector.train import train_detector
 from routescan.features.fingerprint import FingerprintSpec
 from routescan.models.loading import load_tiny
 from routescan.telemetry.emulated import EmulatedCollector, Request
-from routescan.telemetry.registry import load_launch_model
 
 OUT = Path(__file__).resolve().parents[1] / "routescan" / "detector" / "default"
 
@@ -43,10 +42,10 @@ def main() -> None:
     benign = sample([r for r in load_benign(args.corpora) if not r.hard_negative], args.benign, args.seed)
     rows = harmful + benign
     loaded = load_tiny("mixtral", seed=0)
-    collector = EmulatedCollector(loaded, [load_launch_model("hf-eager")], batch_size=16)
+    collector = EmulatedCollector(loaded, batch_size=16)
     requests = [Request(f"{'h' if r.label else 'b'}-{r.row}", r.text) for r in rows]
-    traces = [t["hf-eager"] for _, t in collector.collect(requests)]
-    spec = FingerprintSpec.from_trace(traces[0])
+    traces = [t for _, t in collector.collect(requests)]
+    spec = FingerprintSpec.from_trace(traces[0], "hf-eager")
     X = spec.transform_many(traces)
     y = np.array([r.label for r in rows])
     command = "python scripts/train_demo_detector.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

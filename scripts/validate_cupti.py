@@ -12,13 +12,12 @@ On a machine without a GPU it stops with the collector's one-line explanation.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -32,42 +31,11 @@ from routescan.corpus.prompts import demo_prompts_path, read_prompts  # noqa: E4
 from routescan.models.loading import load_pretrained, load_tiny  # noqa: E402
 from routescan.telemetry.cupti import CuptiCollector, GpuUnavailable  # noqa: E402
 from routescan.telemetry.emulated import EmulatedCollector, Request  # noqa: E402
+from routescan.telemetry.launch import signal_threads  # noqa: E402
 from routescan.telemetry.nvml import device_report  # noqa: E402
 from routescan.telemetry.registry import load_launch_model  # noqa: E402
 from routescan.telemetry.schema import Region  # noqa: E402
-
-
-def gemm_observations(traces) -> dict[str, list[tuple[int, tuple, tuple]]]:
-    """kernel slot (gate_up / down) -> [(M, grid, block)] from CUPTI expert launches, M from routing."""
-    out: dict[str, list] = defaultdict(list)
-    for trace, counts in traces:
-        per = defaultdict(list)
-        for launch in trace.launches:
-            if launch.region == Region.expert and "gemm" in launch.kernel.lower():
-                per[(launch.layer, launch.expert)].append(launch)
-        for (layer, expert), launches in per.items():
-            m = counts[layer][expert]
-            for slot, launch in zip(("gemm_gate_up", "gemm_down"), launches, strict=False):
-                out[slot].append((m, tuple(launch.grid), tuple(launch.block)))
-    return out
-
-
-def fit_tiles(obs: list[tuple[int, tuple, tuple]], gm: int) -> list[dict]:
-    """`choose` rows (when GN <= m: TM, TN, CTA, SPLITK) reproducing the observed grids."""
-    rows: list[dict] = []
-    for m, grid, block in sorted(obs):
-        cta = block[0] * block[1] * block[2]
-        tm = -(-gm // max(grid[0], 1))
-        tn = -(-m // max(grid[1], 1))
-        tm, tn = 1 << (tm - 1).bit_length(), 1 << (tn - 1).bit_length()
-        row = {"TM": tm, "TN": tn, "CTA": cta, "SPLITK": grid[2]}
-        if rows and rows[-1]["set"] == row:
-            rows[-1]["max"] = m
-        else:
-            rows.append({"max": m, "set": row})
-    return [{"when": f"GN <= {r['max']}", "set": r["set"]} for r in rows[:-1]] + (
-        [{"set": rows[-1]["set"]}] if rows else []
-    )
+from routescan.telemetry.tiles import fitted_launch_model, gemm_observations  # noqa: E402
 
 
 def main() -> None:
@@ -91,45 +59,29 @@ def main() -> None:
     hf = load_launch_model("hf-eager")
 
     try:
-        collector = CuptiCollector(loaded)
+        collector = CuptiCollector(loaded, attach=True)
     except GpuUnavailable as exc:
         sys.exit(str(exc))
-    emulated = {
-        req.trace_id: t["hf-eager"]
-        for req, t in EmulatedCollector(loaded, [hf], batch_size=1).collect(requests)
-    }
-    router = {
-        req.trace_id: t["router"]
-        for req, t in EmulatedCollector(loaded, [load_launch_model("router")], batch_size=1).collect(requests)
-    }
+    routed = {req.trace_id: t for req, t in EmulatedCollector(loaded, batch_size=1).collect(requests)}
     measured = dict((req.trace_id, trace) for req, trace in collector.collect(requests))
 
     exact, rel_err, attributed = 0, [], 0
-    pairs = []
     for rid, trace in measured.items():
-        got, want = trace.expert_threads(), emulated[rid].expert_threads()
-        exact += got == want
-        keys = set(got) | set(want)
-        rel_err.append(sum(abs(got.get(k, 0) - want.get(k, 0)) for k in keys) / max(sum(want.values()), 1))
-        attributed += sum(1 for x in trace.launches if x.region == Region.expert)
-        counts = defaultdict(dict)
-        for x in router[rid].launches:
-            counts[x.layer][x.expert] = x.threads
-        pairs.append((trace, counts))
+        got = trace.counts.flat.astype(float)  # CUPTI threads per (layer, expert)
+        want = signal_threads([routed[rid]], hf).expert[0]  # what the emulator derives from routing
+        exact += bool(np.array_equal(got, want))
+        rel_err.append(float(np.abs(got - want).sum() / max(want.sum(), 1)))
+        attributed += sum(1 for x in trace.launches or [] if x.region == Region.expert)
 
     # fitted tile table where the GPU chose other GEMM tiles than the emulator assumes
-    obs = gemm_observations(pairs)
+    obs = gemm_observations((measured[rid], routed[rid]) for rid in measured)
     fitted_path = None
     if obs:
-        dims = loaded.adapter.layers[0].dims()
-        doc = yaml.safe_load((ROOT / "configs" / "launch" / "hf-eager.yaml").read_text())
-        fitted = copy.deepcopy(doc)
-        fitted["name"] = f"hf-eager-{gpu.name.lower().replace(' ', '-')}"[:64]
-        fitted["description"] = f"hf-eager with GEMM tiles fitted on {gpu.name} by scripts/validate_cupti.py"
-        for k in fitted["kernels"]:
-            if k["name"] in obs:
-                gm = dims["G"] * dims["I"] if k["name"] == "gemm_gate_up" else dims["H"]
-                k["choose"] = fit_tiles(obs[k["name"]], gm)
+        layer = loaded.adapter.layers[0]
+        dims = {"H": layer.hidden, "I": layer.intermediate, "G": 2 if layer.gated else 1}
+        base_doc = yaml.safe_load((ROOT / "configs" / "launch" / "hf-eager.yaml").read_text())
+        name = f"hf-eager-{gpu.name.lower().replace(' ', '-')}"
+        fitted = fitted_launch_model(base_doc, obs, dims, name=name)
         fitted_path = ROOT / "configs" / "launch" / f"{fitted['name']}.yaml"
         fitted_path.write_text(yaml.safe_dump(fitted, sort_keys=False))
 

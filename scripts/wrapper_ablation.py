@@ -2,7 +2,7 @@
 ``routescan evaluate`` (same folds) with other featurisations and regularisation strengths, to test
 whether the per-token normalisation of fp/1 or the L2 strength is what holds wrappers back.
 
-    .venv/bin/python scripts/wrapper_ablation.py runs/traces/smollm2-e32k16-shared.router.jsonl
+    .venv/bin/python scripts/wrapper_ablation.py runs/traces/smollm2.jsonl -l router
 
 Prints a Markdown table (mean / min AUROC over held-out groups) and writes it, with the per-family
 AUROCs, to docs/wrapper-ablation.json. Reads traces only: no text is involved.
@@ -33,12 +33,10 @@ from routescan.telemetry.io import read_traces  # noqa: E402
 
 def routed_counts(data: LabelledSet) -> np.ndarray:
     """Per-(layer, expert) launch totals rebuilt from fp/1: share x per-token total x prompt tokens."""
-    blocks, col = [], 0
-    for n_experts in data.spec.experts_per_layer:
-        shares = data.X[:, col : col + n_experts]
-        per_token = data.X[:, col + n_experts]
-        blocks.append(shares * (per_token * data.prompt_tokens)[:, None])
-        col += n_experts + 3
+    blocks = []
+    for layer in data.spec.layer_slices():
+        per_token = data.X[:, layer.total_per_token]
+        blocks.append(data.X[:, layer.shares] * (per_token * data.prompt_tokens)[:, None])
     return np.hstack(blocks)
 
 
@@ -50,9 +48,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", type=Path, help="corpus traces (routescan collect --corpus)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "wrapper-ablation.json")
+    ap.add_argument("--launch-model", "-l", default=None, help="signal (default: hf-eager for routed counts)")
     args = ap.parse_args()
 
-    data = LabelledSet.from_traces(read_traces(args.traces))
+    data = LabelledSet.from_traces(read_traces(args.traces), launch_model=args.launch_model)
     env = data.environments()
     counts = routed_counts(data)
     folds = lodo_folds(data) + family_folds(data)

@@ -58,10 +58,10 @@ def synthetic_traces():
     from routescan.telemetry.emulated import EmulatedCollector, Request
 
     loaded = _tiny("mixtral")
-    collector = EmulatedCollector(loaded, [load_launch_model("hf-eager")], batch_size=16)
+    collector = EmulatedCollector(loaded, batch_size=16)
     corpus = synthetic_corpus()
     reqs = [Request(f"s-{i}", text, row=i, labels={"label": y}) for i, (text, y) in enumerate(corpus)]
-    return [t["hf-eager"] for _, t in collector.collect(reqs)]
+    return [t for _, t in collector.collect(reqs)]
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def test_detector(synthetic_traces):
     from routescan.detector.train import train_detector
     from routescan.features.fingerprint import FingerprintSpec
 
-    spec = FingerprintSpec.from_trace(synthetic_traces[0])
+    spec = FingerprintSpec.from_trace(synthetic_traces[0], "hf-eager")
     X = spec.transform_many(synthetic_traces)
     y = np.array([t.labels["label"] for t in synthetic_traces])
     det = train_detector(X, y, spec, detector_id="test-detector", version="1.0", demo=True)

@@ -91,3 +91,18 @@ def service_settings(tmp_path: Path, **kw):
 def score_body(trace) -> dict:
     """The /v1/score body of one trace, as a client sends it."""
     return {"trace": trace.model_dump(mode="json", exclude_none=True)}
+
+
+def post_body(url: str, payload: dict, *, binary: bool = False, **kwargs):
+    """POST a JSON-shaped payload as JSON, or as the binary wire (MessagePack) when ``binary``."""
+    import httpx
+
+    if not binary:
+        return httpx.post(url, json=payload, **kwargs)
+    from routescan.telemetry.wire import MEDIA_TYPE, packb
+
+    headers = {"content-type": MEDIA_TYPE, **kwargs.pop("headers", {})}
+    return httpx.post(url, content=packb(payload), headers=headers, **kwargs)
+
+
+A_LAUNCH = {"kernel": "gemm", "layer": 0, "expert": 0, "grid": [2, 1, 1], "block": [4, 1, 1], "threads": 8}

@@ -65,38 +65,40 @@ def test_collect_featurize_inspect_and_no_text_anywhere(tmp_path: Path) -> None:
         "domain",
         "--id-column",
         "id",
-        "-l",
-        "hf-eager",
-        "-l",
-        "router",
-        "-l",
-        "vllm-fused-moe",
     )
     assert result.exit_code == 0, text
     # no terminal here (as in a log file): progress is a plain line with count, rate and time left
     assert re.search(r"collecting: \d+/\d+ \(100%\), [\d.,]+/min", text), text
-    outputs = {name: tmp_path / f"traces.{name}.jsonl" for name in ("hf-eager", "router", "vllm-fused-moe")}
-    for name, path in outputs.items():
-        traces = list(read_traces(path))
-        assert [t.trace_id for t in traces] == [f"req-{i}" for i in range(6)]
-        assert traces[1].labels == {"label": 1, "domain": "benign"} and traces[1].launch_model == name
-    fp = tmp_path / "fp.parquet"
-    result, text2 = run("featurize", outputs["hf-eager"], "--out", fp)
-    assert result.exit_code == 0, text2
-    table = read_table(fp)
-    assert table.X.shape == (6, table.spec.dim) and table.labels["domain"][0] == "privacy"
+    traces = list(read_traces(out))  # one file: every signal is derived from its counts
+    assert [t.trace_id for t in traces] == [f"req-{i}" for i in range(6)]
+    assert traces[1].labels == {"label": 1, "domain": "benign"} and traces[1].schema_version.endswith("/2")
+    tables = {}
+    printed = [text]
+    for signal in ("hf-eager", "router", "vllm-fused-moe"):
+        fp = tmp_path / f"fp.{signal}.parquet"
+        result, text2 = run("featurize", out, "--out", fp, "-l", signal)
+        assert result.exit_code == 0, text2
+        printed.append(text2)
+        tables[signal] = read_table(fp)
+        assert tables[signal].spec.launch_model == signal
+        assert tables[signal].X.shape == (6, tables[signal].spec.dim)
+        assert tables[signal].labels["domain"][0] == "privacy"
+    assert not (tables["hf-eager"].X == tables["router"].X).all()
     png = tmp_path / "heat.png"
-    result, text3 = run("inspect", outputs["hf-eager"], "--trace-id", "req-2", "--png", png)
+    result, text3 = run("inspect", out, "--trace-id", "req-2", "--png", png)
     assert result.exit_code == 0, text3
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result, text4 = run("inspect", outputs["router"], "--mean", "--png", tmp_path / "mean.png")
+    result, text4 = run("inspect", out, "-l", "router", "--mean", "--png", tmp_path / "mean.png")
     assert result.exit_code == 0 and "mean of 6" in text4
+    printed += [text3, text4]
+    result, text5 = run("featurize", out, "--out", tmp_path / "x.parquet", "-l", "cuda-magic")
+    assert result.exit_code == 2 and "unknown launch model 'cuda-magic'" in " ".join(text5.split())
     # The hard rule: no prompt text in any artefact or in anything printed.
-    for path in [*outputs.values(), fp]:
+    for path in [out, *tmp_path.glob("fp.*.parquet")]:
         assert CANARY.encode() not in path.read_bytes()
         assert b"tell me about topic" not in path.read_bytes()
-    for printed in (text, text2, text3, text4):
-        assert CANARY not in printed
+    for words in printed:
+        assert CANARY not in words
 
 
 def test_parquet_output_and_resume_after_a_crash(tmp_path: Path) -> None:
@@ -145,7 +147,7 @@ def test_batch_size_does_not_change_the_output(tmp_path: Path) -> None:
         ),
         ([{"prompt": "hello"}], ["--label-column", "prompt"], "cannot also be a label"),
         ([{"prompt": "hello"}], ["--tiny", "llama"], "no tiny config for 'llama'"),
-        ([{"prompt": "hello"}], ["-l", "cuda-magic"], "unknown launch model 'cuda-magic'"),
+        ([{"prompt": "hello"}], ["-l", "hf-eager"], "pass --launch-model to featurize"),
     ],
 )
 def test_clear_errors(tmp_path: Path, rows, args, message: str) -> None:
@@ -172,7 +174,7 @@ def test_model_directory_with_chat_template(tmp_path: Path) -> None:
     save_word_tokenizer(model_dir)
     src = write_csv(tmp_path / "p.csv", [{"prompt": "hello tell me about topic"}, {"prompt": "bye"}])
     out_t, out_p = tmp_path / "tmpl.jsonl", tmp_path / "plain.jsonl"
-    result, text = run("collect", "--model", model_dir, "--prompts", src, "--out", out_t, "-l", "router")
+    result, text = run("collect", "--model", model_dir, "--prompts", src, "--out", out_t)
     assert result.exit_code == 0, text
     result, text = run(
         "collect",
@@ -182,8 +184,6 @@ def test_model_directory_with_chat_template(tmp_path: Path) -> None:
         src,
         "--out",
         out_p,
-        "-l",
-        "router",
         "--no-chat-template",
     )
     assert result.exit_code == 0, text
@@ -221,7 +221,7 @@ def test_console_script_help() -> None:
         text=True,
         check=True,
     )
-    assert "--launch-model" in proc.stdout and "embedded" in proc.stdout
+    assert "--attach-launches" in proc.stdout and "embedded" in proc.stdout
 
 
 def test_embedded_default_runs(tmp_path: Path, monkeypatch) -> None:

@@ -12,7 +12,7 @@ import pytest
 from routescan.features.fingerprint import FingerprintSpec
 from routescan.telemetry.cupti_records import KernelAttributor, RegionTag, normalize
 from routescan.telemetry.emulated import EmulatedCollector, Request
-from routescan.telemetry.schema import Region, RequestTrace
+from routescan.telemetry.schema import Region, RequestTrace, sum_launches
 
 
 class Kind(Enum):  # stands for cupti.ActivityKind: the attributor reads .name
@@ -133,10 +133,10 @@ def test_whole_loop_region_is_split_per_expert_by_gemm_boundaries(tiny, launch_m
     must give back exactly the emulator's per-(layer, expert) threads."""
     loaded = tiny("mixtral")
     emulated = next(
-        EmulatedCollector(loaded, [launch_models["hf-eager"]]).collect(
+        EmulatedCollector(loaded, attach=launch_models["hf-eager"]).collect(
             [Request("q", "some text to route through the tiny model")]
         )
-    )[1]["hf-eager"]
+    )[1]
     b, att = Builder(), KernelAttributor()
     for ext, layer in enumerate(emulated.layers, start=1):
         mine = [x for x in emulated.launches if x.layer == layer and x.region == Region.expert]
@@ -150,11 +150,21 @@ def test_whole_loop_region_is_split_per_expert_by_gemm_boundaries(tiny, launch_m
         att.ingest(buf)
     launches, stats = att.take("q")
     assert stats.split_mismatch == 0
-    trace = emulated.model_copy(update={"launches": launches, "collector": "cupti"})
-    trace = RequestTrace.model_validate(trace.model_dump())
-    assert trace.expert_threads() == emulated.expert_threads()
-    spec = FingerprintSpec.from_trace(emulated)
-    assert (spec.transform(trace) == spec.transform(emulated)).all()
+    counts, regions = sum_launches(launches, emulated.layers, emulated.experts_per_layer)
+    trace = RequestTrace.model_validate(
+        {
+            **emulated.model_dump(exclude={"counts", "launches"}),
+            "collector": "cupti",
+            "source": "cupti",
+            "unit": "threads",
+            "counts": counts,
+            "region_threads": regions,
+        }
+    )
+    expected, _ = sum_launches(emulated.launches, emulated.layers, emulated.experts_per_layer)
+    assert counts == expected
+    spec = FingerprintSpec.from_trace(emulated, "hf-eager")
+    assert (FingerprintSpec.from_trace(trace).transform(trace) == spec.transform(emulated)).all()
 
 
 def test_a_loop_that_does_not_match_its_hit_experts_is_kept_whole() -> None:

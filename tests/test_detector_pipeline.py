@@ -16,7 +16,8 @@ from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
 from routescan.detector.artifact import Detector
 from routescan.detector.dataset import LabelledSet
 from routescan.detector.protocols import family_folds, lodo_folds
-from routescan.telemetry.io import read_traces
+from routescan.telemetry.io import read_traces, write_traces
+from routescan.telemetry.schema import Unit
 
 WORDS = ("the a of to and in is for on with as by at from about please tell me how what").split()  # noqa: SIM905
 PLANTS = {"alpha": "QQX VVK", "beta": "QQX ZZJ", "gamma": "QQX KKW"}
@@ -101,18 +102,18 @@ def test_corpus_builder_rules(corpora: Path, recipe: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def collected(corpora: Path, recipe: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """One collection of the synthetic corpus, shared by the tests below (hf-eager and vllm traces)."""
+def collected(corpora: Path, recipe: Path, tmp_path_factory) -> Path:
+    """One collection of the synthetic corpus (routed counts), shared by the tests below."""
     out = tmp_path_factory.mktemp("traces") / "t.jsonl"
     args = ["collect", "--tiny", "mixtral", "--corpus", str(recipe), "--corpora", str(corpora)]
-    args += ["--out", str(out), "-l", "hf-eager", "-l", "vllm-fused-moe", "--batch-size", "16"]
+    args += ["--out", str(out), "--batch-size", "16"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return out.with_name("t.hf-eager.jsonl"), out.with_name("t.vllm-fused-moe.jsonl")
+    return out
 
 
 def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path: Path) -> None:
-    hf, vllm = collected
+    hf = collected
 
     traces = list(read_traces(hf))
     assert len(traces) == 162 + 160 + 10 + 72
@@ -144,17 +145,25 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
             assert f.held_out not in set(data.domain[f.train])
 
     det = tmp_path / "d.zip"
-    result = runner.invoke(app, ["train", str(hf), "-o", str(det)])
+    result = runner.invoke(app, ["train", str(hf), "-l", "hf-eager", "-o", str(det)])
     assert result.exit_code == 0, result.output
     detector = Detector.load(det)
+    assert detector.spec.launch_model == "hf-eager"
     assert [p.name for p in detector.card.operating_points] == ["fpr1", "fpr5"]
     probs = detector.predict_proba(detector.spec.transform_many(traces[:5]))
     assert np.all((probs >= 0) & (probs <= 1))
-    # a detector refuses traces of another launch model
-    result = runner.invoke(
-        app, ["score", str(vllm), "--detector", str(det), "-o", str(tmp_path / "s.jsonl"), "--on-bad", "fail"]
+    # a detector refuses traces measured under another signal (a kernel collector's threads)
+    measured = tmp_path / "cupti.jsonl"
+    write_traces(
+        measured, [t.model_copy(update={"source": "cupti", "unit": Unit.threads}) for t in traces[:3]]
     )
-    assert result.exit_code == 2 and "launch model" in result.output
+    result = runner.invoke(
+        app,
+        ["score", str(measured), "--detector", str(det), "-o", str(tmp_path / "s.jsonl"), "--on-bad", "fail"],
+    )
+    assert result.exit_code == 2 and "cannot give the spec's signal 'hf-eager'" in " ".join(
+        result.output.split()
+    )
 
     report = tmp_path / "report" / "results.md"
     result = runner.invoke(
@@ -162,7 +171,10 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
         [
             "evaluate",
             str(hf),
-            str(vllm),
+            "-l",
+            "hf-eager",
+            "-l",
+            "vllm-fused-moe",
             "--corpus",
             str(recipe),
             "--corpora",
@@ -197,7 +209,7 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
 def test_invert_attacks_run_and_text_beats_fingerprints(
     collected, corpora: Path, recipe: Path, tmp_path
 ) -> None:
-    hf, _ = collected
+    hf = collected
     out = tmp_path / "privacy.md"
     args = ["invert", str(hf), "--corpus", str(recipe), "--corpora", str(corpora), "-o", str(out)]
     result = runner.invoke(app, [*args, "--top-n", "20", "--pools", "50"])

@@ -10,13 +10,29 @@ import pytest
 from routescan.features.fingerprint import Fingerprint, FingerprintMismatch, FingerprintSpec, fingerprint
 from routescan.features.table import read_table, write_table
 from routescan.telemetry.emulated import EmulatedCollector, Request
-from routescan.telemetry.schema import KernelLaunch, RequestTrace
+from routescan.telemetry.schema import CountMatrix, KernelLaunch, RequestTrace, sum_launches
 
 
-def collect(tiny, launch_models, texts, model_type="mixtral", lm="hf-eager"):
-    collector = EmulatedCollector(tiny(model_type), [launch_models[lm]], batch_size=4)
+def collect(tiny, launch_models, texts, model_type="mixtral", attach=None):
+    collector = EmulatedCollector(tiny(model_type), batch_size=4, attach=attach)
     reqs = [Request(f"r{i}", t, row=i, labels={"label": i % 2}) for i, t in enumerate(texts)]
-    return [traces[lm] for _, traces in collector.collect(reqs)]
+    return [trace for _, trace in collector.collect(reqs)]
+
+
+def measured(trace: RequestTrace, records: list[KernelLaunch], source: str = "cupti") -> RequestTrace:
+    """The trace a kernel collector makes of these records (what CuptiCollector does)."""
+    counts, regions = sum_launches(records, trace.layers, trace.experts_per_layer)
+    return RequestTrace(
+        **{
+            **trace.model_dump(exclude={"counts", "collector", "source", "unit", "launches"}),
+            "collector": "cupti",
+            "source": source,
+            "unit": "threads",
+            "counts": CountMatrix.of(counts),
+            "region_threads": regions,
+            "launches": records,
+        }
+    )
 
 
 TEXTS = [
@@ -27,59 +43,60 @@ TEXTS = [
 
 
 def test_spec_names_and_values(tiny, launch_models) -> None:
-    trace = collect(tiny, launch_models, TEXTS[:1])[0]
+    trace = collect(tiny, launch_models, TEXTS[:1], attach=launch_models["hf-eager"])[0]
     spec = FingerprintSpec.from_trace(trace)
+    assert spec.launch_model == "hf-eager"  # the default signal of routed counts
     names = spec.feature_names()
     assert len(names) == spec.dim == 3 * 8 + 3 * 3 and len(set(names)) == spec.dim
     vec = spec.transform(trace)
-    for i in range(3):
-        block = vec[i * 11 : i * 11 + 8]
+    for i, where in enumerate(spec.layer_slices()):
+        assert where.shares == slice(i * 11, i * 11 + 8) and where.entropy == i * 11 + 10
+        block = vec[where.shares]
         assert block.sum() == pytest.approx(1.0)
-        assert vec[i * 11 + 9] == np.count_nonzero(block)
+        assert vec[where.active] == np.count_nonzero(block)
         nz = block[block > 0]
-        assert vec[i * 11 + 10] == pytest.approx(-(nz * np.log(nz)).sum())
+        assert vec[where.entropy] == pytest.approx(-(nz * np.log(nz)).sum())
+        # against the attached per-kernel launches, not the derivation under test
         expert_total = sum(
             x.threads for x in trace.launches if x.layer == trace.layers[i] and x.expert is not None
         )
-        assert vec[i * 11 + 8] == pytest.approx(expert_total / trace.prompt_tokens)
-
-
-def test_independent_of_kernel_order(tiny, launch_models) -> None:
-    trace = collect(tiny, launch_models, TEXTS[:1])[0]
-    shuffled = list(trace.launches)
-    random.Random(1).shuffle(shuffled)
-    other = trace.model_copy(update={"launches": shuffled})
-    assert np.array_equal(fingerprint(trace).values, fingerprint(other).values)
+        assert vec[where.total_per_token] == pytest.approx(expert_total / trace.prompt_tokens)
 
 
 def test_same_routing_same_fingerprint_whichever_collector(tiny, launch_models) -> None:
     """A GPU collector reports the same threads per (layer, expert) in different records (other kernel
-    names, split launches, timestamps, extra non-expert kernels): the fingerprint must not move."""
-    trace = collect(tiny, launch_models, TEXTS[:1])[0]
+    names, split launches, any order, timestamps, extra non-expert kernels): its measured trace must
+    give the fingerprint the routed counts give under the launch model it measured."""
+    trace = collect(tiny, launch_models, TEXTS[:1], attach=launch_models["hf-eager"])[0]
     records = []
-    for (layer, expert), threads in trace.expert_threads().items():
+    for launch in trace.launches:
+        threads = launch.threads
         half = threads // 2 - (threads // 2) % 32
         for part, t in (("a", half), ("b", threads - half)):
             if t:
                 records.append(
-                    KernelLaunch(
-                        kernel=f"void cutlass_kernel_{part}<float>()",
-                        layer=layer,
-                        expert=expert,
-                        grid=(t // 32, 1, 1) if t % 32 == 0 else (t, 1, 1),
-                        block=(32, 1, 1) if t % 32 == 0 else (1, 1, 1),
-                        threads=t,
-                        start_ns=100,
-                        end_ns=200,
+                    launch.model_copy(
+                        update={
+                            "kernel": f"void cutlass_kernel_{part}<float>()",
+                            "grid": (t // 32, 1, 1) if t % 32 == 0 else (t, 1, 1),
+                            "block": (32, 1, 1) if t % 32 == 0 else (1, 1, 1),
+                            "threads": t,
+                            "start_ns": 100,
+                            "end_ns": 200,
+                        }
                     )
                 )
     records.append(
         KernelLaunch(kernel="attention", region="other", grid=(9, 1, 1), block=(128, 1, 1), threads=1152)
     )
-    gpu = RequestTrace(
-        **{**trace.model_dump(exclude={"launches", "collector"}), "collector": "cupti", "launches": records}
-    )
+    random.Random(1).shuffle(records)
+    gpu = measured(trace, records)
+    assert FingerprintSpec.from_trace(gpu).launch_model == "cupti"
     assert np.array_equal(fingerprint(trace).values, fingerprint(gpu).values)
+    # every prefill thread, per-layer kernels included, measured as the launch model derives them
+    assert FingerprintSpec.from_trace(gpu).launched([gpu]) == FingerprintSpec.from_trace(trace).launched(
+        [trace]
+    )
 
 
 def test_different_prompts_differ_and_mismatch_is_refused(tiny, launch_models) -> None:
@@ -89,9 +106,14 @@ def test_different_prompts_differ_and_mismatch_is_refused(tiny, launch_models) -
     other_model = collect(tiny, launch_models, TEXTS[:1], model_type="olmoe")[0]
     with pytest.raises(FingerprintMismatch, match="model"):
         spec.transform(other_model)
-    router = collect(tiny, launch_models, TEXTS[:1], lm="router")[0]
-    with pytest.raises(FingerprintMismatch, match="launch model"):
-        spec.transform(router)
+    gpu = measured(a, [])
+    with pytest.raises(FingerprintMismatch, match="cannot give the spec's signal 'hf-eager'"):
+        spec.transform(gpu)
+    no_dims = a.model_copy(update={"dims": None})
+    from routescan.telemetry.launch import LaunchModelError
+
+    with pytest.raises(LaunchModelError, match="carries no layer widths"):
+        spec.transform(no_dims)
 
 
 def test_fingerprint_schema_rejects_text_and_nan() -> None:

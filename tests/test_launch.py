@@ -122,15 +122,36 @@ def test_params_override_and_bad_files(launch_models, tmp_path) -> None:
         eager.layer_launches(0, DIMS, [1, 2], tokens=2)
 
 
-def test_fast_constructed_launches_equal_validated_ones(launch_models) -> None:
-    from routescan.telemetry.schema import KernelLaunch
+def test_expert_threads_is_the_per_kernel_sum_for_a_whole_count_matrix(launch_models) -> None:
+    """The vectorised function (one formula evaluation per distinct count, looked up for the whole
+    matrix) equals summing the per-kernel launches expert by expert, for every launch model."""
+    import numpy as np
 
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 90, size=(16, 8))
+    matrix[0] = 0  # a request that hit nothing in this layer
+    dims = {**DIMS, "SI": 64}
     for name, model in launch_models.items():
-        dims = {**DIMS, "SI": 64}
-        for launch in model.layer_launches(3, dims, [0, 1, 9, 70, 2, 0, 0, 5], tokens=44):
-            again = KernelLaunch.model_validate(launch.model_dump())
-            assert again == launch and again.model_dump_json() == launch.model_dump_json(), name
-            assert launch.model_copy(update={"start_ns": 1}).start_ns == 1 and launch.start_ns is None
+        got = model.expert_threads(dims, matrix)
+        for row, counts in zip(got, matrix.tolist(), strict=True):
+            launches = model.layer_launches(0, dims, counts, tokens=max(1, sum(counts) // 2))
+            per_expert = [0] * 8
+            for x in launches:
+                if x.region == Region.expert:
+                    per_expert[x.expert] += x.threads
+            assert row.tolist() == per_expert, name
+        tokens = 44
+        region = sum(
+            x.threads for x in model.layer_launches(0, dims, [0] * 8, tokens) if x.region != Region.expert
+        )
+        assert model.region_threads(dims, tokens) == region, name
+
+
+def test_expert_kernels_may_not_depend_on_prompt_length(tmp_path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("name: t\nkernels:\n  - name: k\n    scope: expert\n    grid: ['M + T']\n    block: [1]\n")
+    with pytest.raises(LaunchModelError, match="not on the prompt length T"):
+        load_launch_model(str(bad))
 
 
 def test_geometry_cache_is_per_model_and_exact(launch_models) -> None:
@@ -141,3 +162,44 @@ def test_geometry_cache_is_per_model_and_exact(launch_models) -> None:
     assert [x.model_dump() for x in eager.layer_launches(0, DIMS, [3, 0, 0, 0, 0, 0, 0, 1], tokens=2)] == [
         x.model_dump() for x in first
     ]
+    narrow = eager.expert_threads(DIMS, [3, 0, 0, 0, 0, 0, 0, 1])
+    assert (eager.expert_threads({**DIMS, "H": 4096}, [3, 0, 0, 0, 0, 0, 0, 1]) != narrow).any()
+    assert (eager.expert_threads(DIMS, [3, 0, 0, 0, 0, 0, 0, 1]) == narrow).all()
+
+
+def test_tiles_fitted_to_observed_launches_reproduce_them(tiny, launch_models) -> None:
+    """scripts/validate_cupti.py's fit, on CPU: kernel launches of a launch model with other GEMM
+    tiles stand in for what a GPU chose; the fitted table reproduces their per-expert threads."""
+    import numpy as np
+    import yaml
+
+    from routescan.config import config_dir
+    from routescan.telemetry.emulated import EmulatedCollector, Request
+    from routescan.telemetry.launch import LaunchModel, signal_threads
+    from routescan.telemetry.schema import Unit, sum_launches
+    from routescan.telemetry.tiles import fitted_launch_model, gemm_observations
+
+    doc = yaml.safe_load((config_dir() / "launch" / "hf-eager.yaml").read_text())
+    gpu_doc = fitted_launch_model(doc, {}, {}, name="other-gpu")
+    for kernel in gpu_doc["kernels"]:
+        if kernel["name"] in ("gemm_gate_up", "gemm_down"):
+            kernel["choose"] = [{"when": "GN <= 8", "set": {"TM": 32, "TN": 8, "CTA": 64, "SPLITK": 1}},
+                                {"set": {"TM": 64, "TN": 32, "CTA": 128, "SPLITK": 1}}]  # fmt: skip
+    gpu = LaunchModel.from_dict(gpu_doc)
+    loaded = tiny("mixtral")
+    requests = [Request(f"r{i}", f"request {i} " * (1 + 3 * i)) for i in range(6)]
+    pairs = []
+    for _, routed in EmulatedCollector(loaded, attach=gpu).collect(requests):
+        measured = routed.model_copy(update={"source": "cupti", "unit": Unit.threads})
+        pairs.append((measured, routed))
+    obs = gemm_observations(pairs)
+    assert set(obs) == {"gemm_gate_up", "gemm_down"}
+    layer = loaded.adapter.layers[0]
+    dims = {"H": layer.hidden, "I": layer.intermediate, "G": 2}
+    fitted = LaunchModel.from_dict(fitted_launch_model(doc, obs, dims, name="fitted"))
+    for measured, routed in pairs:
+        got = signal_threads([routed], fitted).expert[0]
+        want = np.concatenate(sum_launches(measured.launches, routed.layers, routed.experts_per_layer)[0])
+        assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="attach"):
+        gemm_observations([(pairs[0][1].model_copy(update={"launches": None}), pairs[0][1])])

@@ -13,6 +13,7 @@ import torch
 from conftest import save_word_tokenizer
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
+from routescan.features.fingerprint import FingerprintSpec
 from routescan.models.adapters import get_adapter
 from routescan.models.loading import load_pretrained
 from routescan.models.moefy import MoefySpec, load_moefied, moefy_model, save_moefied
@@ -28,6 +29,7 @@ from routescan.models.moefy.partition import balanced_kmeans, partition_neurons
 from routescan.models.moefy.sources import BaseModelError, resolve_base
 from routescan.models.moefy.spec import BaseModelSource
 from routescan.telemetry.emulated import EmulatedCollector, Request
+from routescan.telemetry.schema import LayerDims
 
 VOCAB = 115  # the word tokenizer's size
 
@@ -153,9 +155,12 @@ def test_moefied_model_is_collected_like_any_moe(tmp_path: Path, launch_models) 
         (layer.num_experts, layer.top_k, layer.intermediate, layer.shared_intermediate)
         for layer in adapter.layers
     ] == [(4, 2, 12, 16)] * 2
-    collector = EmulatedCollector(loaded, [launch_models["hf-eager"]])
-    [(_request, traces)] = list(collector.collect([Request("r0", "tell me about topic please")]))
-    trace = traces["hf-eager"]
+    collector = EmulatedCollector(loaded)
+    [(_request, trace)] = list(collector.collect([Request("r0", "tell me about topic please")]))
+    assert trace.dims == LayerDims(H=adapter.layers[0].hidden, I=12, SI=16, G=2)
+    assert FingerprintSpec.from_trace(trace, launch_models["hf-eager"]).transform(trace).shape == (
+        2 * 4 + 2 * 3,
+    )
     assert len(trace.layers) == 2
     assert trace.prompt_tokens == len(loaded.encoder.encode("tell me about topic please"))
 

@@ -86,10 +86,8 @@ def test_score_refuses_traces_of_another_model(tmp_path, test_detector, tiny, la
 
     det = test_detector.save(tmp_path / "det.zip")
     other = [
-        t["hf-eager"]
-        for _, t in EmulatedCollector(tiny("olmoe"), [launch_models["hf-eager"]]).collect(
-            [Request("o-1", "hello"), Request("o-2", "bye")]
-        )
+        t
+        for _, t in EmulatedCollector(tiny("olmoe")).collect([Request("o-1", "hello"), Request("o-2", "bye")])
     ]
     traces = tmp_path / "o.parquet"
     write_traces(traces, other)
@@ -159,8 +157,8 @@ def test_score_edge_cases_a_probe_found(tmp_path, test_detector, synthetic_trace
     assert "row 2" in text and "row 3" in text and "not UTF-8" in text
 
     # empty and all-zero traces carry no evidence; numbers as strings are not numbers
-    empty = dict(good[0], launches=[])
-    zeros = dict(good[1], launches=[dict(x, grid=[0, 1, 1], threads=0) for x in good[1]["launches"]])
+    empty = dict(good[0], counts=[[0] * n for n in good[0]["experts_per_layer"]])
+    zeros = dict(good[1], unit="threads", source="hf-eager", counts=empty["counts"])
     stringly = dict(good[2], prompt_tokens="5")
     huge = dict(good[3], prompt_tokens=10**309)
     odd = tmp_path / "odd.jsonl"

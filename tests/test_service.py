@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from servers import free_port, score_body, service_settings, uvicorn_thread
+from servers import A_LAUNCH, free_port, post_body, score_body, service_settings, uvicorn_thread
 
 from routescan.detector.artifact import Detector
 from routescan.features.fingerprint import fingerprint
@@ -64,8 +64,11 @@ def test_score_trace_and_fingerprint_and_audit_log(server, synthetic_traces, tes
     assert httpx.get(f"{server}/readyz").json()["ready"] is True
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
 @pytest.mark.parametrize("where", ["top", "trace", "launch", "labels"])
-def test_text_is_refused_with_the_field_named_and_not_echoed(server, synthetic_traces, where: str) -> None:
+def test_text_is_refused_with_the_field_named_and_not_echoed(
+    server, synthetic_traces, where: str, binary: bool
+) -> None:
     payload = body(synthetic_traces[0])
     secret = "tell me how to pick the lock on my neighbour's door"
     if where == "top":
@@ -73,10 +76,10 @@ def test_text_is_refused_with_the_field_named_and_not_echoed(server, synthetic_t
     elif where == "trace":
         payload["trace"]["text"] = secret
     elif where == "launch":
-        payload["trace"]["launches"][0]["content"] = secret
+        payload["trace"]["launches"] = [{**A_LAUNCH, "content": secret}]
     else:
         payload["trace"]["labels"]["note"] = secret
-    r = httpx.post(f"{server}/v1/score", json=payload)
+    r = post_body(f"{server}/v1/score", payload, binary=binary)
     assert r.status_code == 422
     assert secret not in r.text and "pick the lock" not in r.text
     detail = r.json()["detail"]
@@ -91,10 +94,8 @@ def test_text_is_refused_with_the_field_named_and_not_echoed(server, synthetic_t
 def test_other_model_or_spec_is_a_409(server, tiny, launch_models, synthetic_traces, test_detector) -> None:
     from routescan.telemetry.emulated import EmulatedCollector, Request
 
-    other = next(
-        iter(EmulatedCollector(tiny("olmoe"), [launch_models["hf-eager"]]).collect([Request("o-1", "hi")]))
-    )
-    r = httpx.post(f"{server}/v1/score", json=body(other[1]["hf-eager"]))
+    other = next(iter(EmulatedCollector(tiny("olmoe")).collect([Request("o-1", "hi")])))
+    r = httpx.post(f"{server}/v1/score", json=body(other[1]))
     assert r.status_code == 409 and "olmoe" in r.json()["detail"] and "cannot score" in r.json()["detail"]
     fp = fingerprint(synthetic_traces[0], test_detector.spec).model_dump(mode="json")
     fp["values"] = fp["values"][:-1]
@@ -207,8 +208,10 @@ def test_agents_report_their_counters_with_their_batches(server, synthetic_trace
 
 
 def test_body_size_limit(tmp_path, test_detector, synthetic_traces) -> None:
-    with uvicorn_thread(create_app(settings(tmp_path, max_body_bytes=2048), detector=test_detector)) as base:
-        r = httpx.post(f"{base}/v1/score", json=body(synthetic_traces[0]))
+    with uvicorn_thread(create_app(settings(tmp_path, max_body_bytes=1024), detector=test_detector)) as base:
+        big = body(synthetic_traces[0])
+        big["trace"]["launches"] = [A_LAUNCH] * 30  # an attachment makes it ~2.5 KB
+        r = httpx.post(f"{base}/v1/score", json=big)
         assert r.status_code == 413 and "max_body_bytes" in r.text
 
         def chunks():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import score_body, service_settings, uvicorn_thread
+from servers import A_LAUNCH, post_body, score_body, service_settings, uvicorn_thread
 
 from routescan.service.app import create_app
 
@@ -185,7 +185,8 @@ def test_cross_site_browser_requests_are_refused(server, synthetic_traces) -> No
     "where",
     ["sentence_id", "underscored_id", "base64_id", "kernel_sentence", "label_key_words", "huge_unknown_key"],
 )
-def test_text_cannot_ride_in_identifiers(server, synthetic_traces, where: str) -> None:
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
+def test_text_cannot_ride_in_identifiers(server, synthetic_traces, where: str, binary: bool) -> None:
     payload = body(synthetic_traces[0])
     trace = payload["trace"]
     if where == "sentence_id":
@@ -195,12 +196,12 @@ def test_text_cannot_ride_in_identifiers(server, synthetic_traces, where: str) -
     elif where == "base64_id":
         trace["trace_id"] = base64.urlsafe_b64encode(SECRET.encode()).decode().rstrip("=")[:90]
     elif where == "kernel_sentence":
-        trace["launches"][0]["kernel"] = SECRET
+        trace["launches"] = [{**A_LAUNCH, "kernel": SECRET}]
     elif where == "label_key_words":
         trace["labels"]["how_to_pick_the_lock"] = 1
     else:
         trace["x" * 92_000] = 1
-    r = httpx.post(f"{server}/v1/score", json=payload)
+    r = post_body(f"{server}/v1/score", payload, binary=binary)
     assert r.status_code == 422, r.text[:300]
     assert "pick" not in r.text and "lock" not in r.text and "xxxxxxxxxxxxxxxx" not in r.text
     assert len(r.content) < 4000
@@ -265,8 +266,8 @@ def test_out_of_range_inputs_are_4xx_and_nobody_else_fails(server, synthetic_tra
     fp = fingerprint(synthetic_traces[0], test_detector.spec).model_dump(mode="json")
     fp["values"] = [1e308] * len(fp["values"])
     huge_threads = body(synthetic_traces[1])
-    launch = huge_threads["trace"]["launches"][0]
-    launch.update(grid=[10**310, 1, 1], block=[1, 1, 1], threads=10**310)
+    huge_threads["trace"].update(unit="threads", source="hf-eager")
+    huge_threads["trace"]["counts"][0][0] = 10**310
     huge_tokens = body(synthetic_traces[2])
     huge_tokens["trace"]["prompt_tokens"] = 10**309
     string_number = body(synthetic_traces[3])
@@ -301,13 +302,15 @@ def test_out_of_range_inputs_are_4xx_and_nobody_else_fails(server, synthetic_tra
 
 def test_empty_traces_are_refused_not_flagged(server, synthetic_traces) -> None:
     empty = body(synthetic_traces[0])
-    empty["trace"]["launches"] = []
+    empty["trace"]["counts"] = [[0] * n for n in empty["trace"]["experts_per_layer"]]
     r = httpx.post(f"{server}/v1/score", json=empty)
     assert r.status_code == 422 and "nothing to score" in r.text
-    zeros = body(synthetic_traces[0])
-    for launch in zeros["trace"]["launches"]:
-        launch.update(grid=[0, 1, 1], threads=0)
-    assert httpx.post(f"{server}/v1/score", json=zeros).status_code == 422
+    measured = body(synthetic_traces[0])  # zero threads measured: as empty
+    measured["trace"].update(unit="threads", source="hf-eager", counts=empty["trace"]["counts"])
+    assert httpx.post(f"{server}/v1/score", json=measured).status_code == 422
+    no_layers = body(synthetic_traces[0])
+    no_layers["trace"].update(layers=[], experts_per_layer=[], counts=[], top_k=[])
+    assert httpx.post(f"{server}/v1/score", json=no_layers).status_code == 422
     assert _stored(server) == []
 
 
@@ -315,8 +318,8 @@ def test_empty_traces_are_refused_not_flagged(server, synthetic_traces) -> None:
 def test_a_big_request_does_not_block_probes(tmp_path, test_detector, synthetic_traces, monkeypatch) -> None:
     monkeypatch.delenv("ROUTESCAN_API_TOKEN", raising=False)
     trace = body(synthetic_traces[0])
-    launches = trace["trace"]["launches"]
-    trace["trace"]["launches"] = (launches * (50_000 // len(launches) + 1))[:50_000]
+    launches = [A_LAUNCH]
+    trace["trace"]["launches"] = launches * 80_000  # ~7.8 MB: a body that takes a while to parse
     payload = json.dumps(trace).encode()
     assert len(payload) < 8 << 20
     with uvicorn_thread(create_app(settings(tmp_path), detector=test_detector)) as base:
@@ -332,7 +335,7 @@ def test_a_big_request_does_not_block_probes(tmp_path, test_detector, synthetic_
 
         sender = threading.Thread(target=send)
         sender.start()
-        time.sleep(0.3)  # the body is uploaded and parsing has begun
+        time.sleep(0.1)  # the body is uploaded and parsing has begun
         probes_before_done = 0
         with httpx.Client(timeout=60) as client:
             while not done.is_set():
@@ -356,3 +359,19 @@ def test_a_big_request_does_not_block_probes(tmp_path, test_detector, synthetic_
         too_many["trace"]["launches"] = [launches[0]] * 140_000
         r = httpx.post(f"{base}/v1/score", json=too_many, timeout=60)
         assert r.status_code in (413, 422)
+
+        # the binary wire bounds maps, strings and binary values in its decoder, before validation
+        import msgpack
+
+        from routescan.telemetry.wire import MEDIA_TYPE
+
+        wire = {"content-type": MEDIA_TYPE}
+        flood = msgpack.packb({"trace": {f"k{i}": 1 for i in range(200_000)}})
+        r = httpx.post(f"{base}/v1/score", content=flood, headers=wire, timeout=60)
+        assert r.status_code == 422 and "at most 64 fields" in r.text
+        smuggled = body(synthetic_traces[0])
+        smuggled["trace"]["trace_id"] = SECRET.encode()  # bytes, not a string
+        r = httpx.post(f"{base}/v1/score", content=msgpack.packb(smuggled), headers=wire, timeout=60)
+        assert r.status_code == 422 and "pick" not in r.text
+        r = httpx.post(f"{base}/v1/score", content=b"\xc1\x00garbage", headers=wire, timeout=60)
+        assert r.status_code == 422 and "not valid MessagePack" in r.text

@@ -3,8 +3,6 @@
 Configured by environment variables (the vLLM plugin reads them in each worker):
 
 - ``ROUTESCAN_DAEMON``: ``unix:///run/routescan/routescan.sock`` (default) or ``http://127.0.0.1:8787``
-- ``ROUTESCAN_SIGNAL``: the launch model traces are built with (default ``router``; the daemon's
-  detector must read the same)
 - ``ROUTESCAN_SAMPLING``: share of requests traced, 0..1 (default 1)
 - ``ROUTESCAN_SPOOL``: spool file while the daemon is down (default ``spool.jsonl`` in the serving
   user's state directory, e.g. ``~/.local/state/routescan/``; created 0600 in a 0700 directory)
@@ -41,7 +39,6 @@ def agent_from_env(model: torch.nn.Module, *, model_id: str | None = None) -> Ro
         model,
         sender,
         model_id=ident,
-        launch_model=env.get("ROUTESCAN_SIGNAL", "router"),
         sampling=float(env.get("ROUTESCAN_SAMPLING", "1")),
     )
 

@@ -1,23 +1,23 @@
 """The in-process agent: attach to a loaded MoE inside a serving process, emit one trace per prefill.
 
 The serving code brackets each prefill forward step with :meth:`RouteScanAgent.step`, naming which
-rows of the step's flattened token batch belong to which request (``spans``). While a step is open the
-router hooks keep each layer's selected experts; when it closes, the agent counts, per request and
-layer, how many (token, slot) pairs went to each expert, and hands those small counts to the sender,
-which builds the trace through the launch model off the forward path. Calls outside a step (decode)
-are ignored.
+rows of the step's flattened token batch belong to which request (``spans``). While a step is open
+the router hooks keep each layer's selected experts; when it closes, the agent counts, per request
+and layer, how many (token, slot) pairs went to each expert, and hands those small counts to the
+sender, which builds the trace/2 record off the forward path. Calls outside a step (decode) are
+ignored.
 
-Which signal sources can be split per request in a batched step. Router-level sources (``router``,
-and launch models computed from routing such as ``hf-eager``) can: each token row's experts are
-known. Raw kernel grids cannot: one fused kernel serves the whole batch, so CUPTI records of a
-batched step only give per-step totals; the agent therefore always derives per-request traces from
-routing, and uses kernel records (where a GPU collector runs) as a cross-check of step totals.
+Which signal sources can be split per request in a batched step. Router-level sources can: each
+token row's experts are known, and the trace's routed counts give ``router`` and every launch model
+computed from routing (``hf-eager``...) at the daemon. Raw kernel grids cannot: one fused kernel
+serves the whole batch, so CUPTI records of a batched step only give per-step totals; the agent
+therefore always derives per-request traces from routing, and uses kernel records (where a GPU
+collector runs) as a cross-check of step totals.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,10 +26,9 @@ from typing import Any
 import torch
 
 from routescan.agent.sender import TraceSender
-from routescan.models.adapters import get_adapter
-from routescan.telemetry.emulated import RoutingCounts, layer_shapes, trace_from_routing
-from routescan.telemetry.launch import LaunchModel
-from routescan.telemetry.registry import load_launch_model
+from routescan.models.adapters import RoutingRecorder, get_adapter
+from routescan.telemetry.collector import layer_shapes, routed_counts, routing_trace
+from routescan.telemetry.schema import RequestTrace
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,12 @@ def packed_spans(request_ids: Sequence[str], lengths: Sequence[int]) -> list[Spa
 
 
 class RouteScanAgent:
-    """Per-request prefill traces from a model's routing, shipped by a :class:`TraceSender`."""
+    """Per-request prefill traces (trace/2) from a model's routing, shipped by a :class:`TraceSender`.
+
+    One forward thread per agent: the router hooks record into the agent's one recorder while a
+    step is open. The trace carries routed token counts; the daemon's detector derives whatever
+    signal it reads from them, so the agent needs no launch model.
+    """
 
     collector = "agent"
 
@@ -67,24 +71,17 @@ class RouteScanAgent:
         sender: TraceSender,
         *,
         model_id: str,
-        launch_model: str | LaunchModel = "router",
         sampling: float = 1.0,
-        aggregate: bool = True,
     ) -> None:
         if not 0.0 <= sampling <= 1.0:
             raise ValueError("sampling must be in [0, 1]")
         self.adapter = get_adapter(model)
         self.sender = sender
-        self.launch_model = load_launch_model(launch_model) if isinstance(launch_model, str) else launch_model
         self.sampling = sampling
-        # one summed launch per (layer, expert): same fingerprint, ~7x less to build, send and store
-        self.aggregate = aggregate
         self.model_id = model_id
         self._shapes = layer_shapes(self.adapter)
-        self._local = threading.local()
-        self._handles = [
-            layer.router.register_forward_hook(self._hook(layer.layer)) for layer in self.adapter.layers
-        ]
+        self._recorder = RoutingRecorder(self.adapter, enabled=False)
+        self._handles = self._recorder.attach()
 
     def close(self) -> None:
         for h in self._handles:
@@ -98,42 +95,38 @@ class RouteScanAgent:
         digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64 < self.sampling
 
-    def _hook(self, layer: int):
-        def hook(module: torch.nn.Module, args: tuple, output: tuple) -> None:
-            buf = getattr(self._local, "buffer", None)
-            if buf is not None:
-                buf.setdefault(layer, []).append(output[2].detach().reshape(-1, output[2].shape[-1]))
-
-        return hook
-
     @contextmanager
     def step(self, spans: Sequence[Span]) -> Iterator[None]:
         """Bracket one prefill forward step; its requests' traces are queued when it closes."""
         spans = [s for s in spans if self.sampled(s.request_id)]
-        self._local.buffer = {} if spans else None
+        recorder = self._recorder
+        recorder.clear()
+        recorder.enabled = bool(spans)
         try:
             yield
         finally:
-            buffer, self._local.buffer = self._local.buffer, None
-        if not spans or not buffer:
+            recorder.enabled = False
+        if not spans:
             return
-        selections = {layer: torch.cat(calls).to("cpu") for layer, calls in buffer.items()}
+        selections = recorder.selections()
+        recorder.clear()
+        if not selections:
+            return
         for span in spans:
-            routing = RoutingCounts.from_selections(selections, span.start, span.length, self._shapes)
-            self.sender.submit(self._builder(span, routing))
+            counts = routed_counts(selections, span.start, span.length, self._shapes)
+            self.sender.submit(self._builder(span, counts))
 
-    def _builder(self, span: Span, routing: RoutingCounts):
-        def build():
-            return trace_from_routing(
+    def _builder(self, span: Span, counts):
+        def build() -> RequestTrace:
+            return routing_trace(
                 self.model_id,
                 self._shapes,
-                self.launch_model,
-                routing,
+                counts,
+                span.length,
                 trace_id=span.request_id,
                 collector=self.collector,
                 labels=dict(span.labels),
                 experts_implementation=self.adapter.experts_implementation,
-                aggregate=self.aggregate,
             )
 
         return build

@@ -1,12 +1,13 @@
 """Ship traces from the serving process to the `routescan serve` daemon without ever blocking it.
 
-``submit`` puts an item on a bounded in-memory queue and returns at once (a full queue drops the item
-and counts it: serving latency comes first). A background thread batches items, builds their traces
-(off the forward path), and posts them to the daemon's ``/v1/score/batch`` over a Unix domain socket
-or loopback HTTP. When the daemon is unreachable, batches are appended to a local spool file (JSONL,
-fsynced) and replayed, oldest first, once it answers again. Delivery is at-least-once: a batch the
-daemon stored just before a connection broke may be sent twice; audit rows carry the trace id, so
-duplicates are visible.
+``submit`` puts an item on a bounded in-memory queue and returns at once (a full queue drops the
+item and counts it: serving latency comes first). A background thread batches items, builds their
+traces (off the forward path), and posts them to the daemon's ``/v1/score/batch`` over a Unix domain
+socket or loopback HTTP, in the binary wire form (MessagePack, :mod:`routescan.telemetry.wire`).
+When the daemon is unreachable, batches are appended to a local spool file (JSONL, fsynced) and
+replayed, oldest first, once it answers again. Delivery is at-least-once: a batch the daemon stored
+just before a connection broke may be sent twice; audit rows carry the trace id, so duplicates are
+visible.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgpack
 
 from routescan.service.schemas import AGENT_HEADER, COUNTERS_HEADER
+from routescan.telemetry.io import trace_json
 from routescan.telemetry.schema import RequestTrace
+from routescan.telemetry.wire import MEDIA_TYPE, packb, trace_payload, unpackb
 
 Item = RequestTrace | Callable[[], RequestTrace]
 
@@ -51,6 +55,16 @@ def _is_json(line: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_ITEM_HEAD = msgpack.packb({"trace": None})[:-1]  # a one-entry map and its "trace" key, no value
+
+
+def _msgpack_batch(traces: list[bytes]) -> bytes:
+    """``{"items": [{"trace": t}, ...]}`` from traces already packed, without unpacking them."""
+    packer = msgpack.Packer()
+    head = packer.pack_map_header(1) + packer.pack("items") + packer.pack_array_header(len(traces))
+    return head + b"".join(_ITEM_HEAD + t for t in traces)
 
 
 def agent_id() -> str:
@@ -146,10 +160,10 @@ class TraceSender:
             if not self._down() and self._backlog():
                 self._replay()
 
-    def _take(self) -> list[str]:
-        """Up to ``batch_max`` traces, built and serialised at once.
+    def _take(self) -> list[bytes]:
+        """Up to ``batch_max`` traces, built and serialised (MessagePack) at once.
 
-        Only JSON strings are kept: strings are not tracked by the cyclic garbage collector, whereas
+        Only bytes are kept: bytes are not tracked by the cyclic garbage collector, whereas
         a batch of live trace objects (hundreds of launches each) waiting out the flush interval
         gets promoted to the oldest generation and triggers full collections of the host process's
         whole heap, ~200 ms pauses of the serving thread (measured with scripts/bench_agent.py).
@@ -164,7 +178,7 @@ class TraceSender:
                 break
             try:
                 trace = item() if callable(item) else item
-                items.append(trace.model_dump_json(exclude_none=True))
+                items.append(packb(trace_payload(trace)))
             except Exception:  # a bad trace must not kill the sender; counted, visible in metrics
                 self.counters.build_errors += 1
         return items
@@ -172,18 +186,23 @@ class TraceSender:
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    def _post(self, traces: list[str]) -> str:
-        """Post serialised traces: 'ok', 'rejected' (the daemon will never take these) or 'down'.
+    def _post(self, traces: list[bytes] | list[str]) -> str:
+        """Post serialised traces (MessagePack bytes, or JSON text from the spool): 'ok', 'rejected'
+        (the daemon will never take these) or 'down'.
 
         The daemon validates every trace against the schema, so nothing is re-validated here."""
-        body = '{"items":[' + ",".join('{"trace":' + t + "}" for t in traces) + "]}"
+        if traces and isinstance(traces[0], bytes):
+            content, media = _msgpack_batch(traces), MEDIA_TYPE  # type: ignore[arg-type]
+        else:
+            content = '{"items":[' + ",".join('{"trace":' + t + "}" for t in traces) + "]}"  # type: ignore[operator]
+            media = "application/json"
         try:
             counters = ",".join(f"{k}={v}" for k, v in self.counters.as_dict().items())
             resp = self._client.post(
                 f"{self._base}/v1/score/batch",
-                content=body,
+                content=content,
                 # the agent's own health rides along, so the daemon's /metrics shows spooled / dropped
-                headers={"content-type": "application/json", COUNTERS_HEADER: counters},
+                headers={"content-type": media, COUNTERS_HEADER: counters},
             )
         except httpx.HTTPError:
             return "down"
@@ -193,7 +212,7 @@ class TraceSender:
             return "rejected"
         return "down"  # 5xx, 503 while starting: try again later
 
-    def _deliver(self, traces: list[str]) -> None:
+    def _deliver(self, traces: list[bytes]) -> None:
         status = "down" if self._down() else self._post(traces)
         if status == "ok":
             self.counters.sent += len(traces)
@@ -201,7 +220,8 @@ class TraceSender:
             self.counters.rejected += len(traces)
         else:
             self._down_until = time.monotonic() + self.retry_interval_s
-            self._append_spool(traces)
+            # the spool is a trace file (JSONL) that `routescan score` can read by hand
+            self._append_spool([trace_json(RequestTrace.model_validate(unpackb(t))) for t in traces])
 
     def _append_spool(self, traces: list[str]) -> None:
         with os.fdopen(os.open(self.spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SPOOL_MODE), "a") as fh:

@@ -80,14 +80,15 @@ class _VllmAgent:
         from vllm.model_executor.layers.fused_moe import FusedMoE  # type: ignore[import-not-found]
 
         from routescan.agent import sender_from_env
-        from routescan.telemetry.emulated import LayerShape
-        from routescan.telemetry.registry import load_launch_model
+        from routescan.telemetry.collector import LayerShape
+        from routescan.telemetry.schema import LayerDims
 
+        if not model_id:
+            raise ValueError("set ROUTESCAN_MODEL_ID to the model id the daemon's detector was trained on")
         self.layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
         if not self.layers:
             raise ValueError("no FusedMoE layer in this model")
         self.sender = sender_from_env()
-        self.launch_model = load_launch_model(os.environ.get("ROUTESCAN_SIGNAL", "router"))
         self.model_id = model_id
         # vLLM's FusedMoE layers are numbered in module order; their widths are fixed at load time
         self.shapes = [
@@ -95,14 +96,7 @@ class _VllmAgent:
                 index,
                 layer.global_num_experts,
                 layer.top_k,
-                {
-                    "E": layer.global_num_experts,
-                    "K": layer.top_k,
-                    "H": layer.hidden_size,
-                    "I": layer.intermediate_size_per_partition,
-                    "SI": 0,
-                    "G": 2,
-                },
+                LayerDims(H=layer.hidden_size, I=layer.intermediate_size_per_partition),
             )
             for index, layer in enumerate(self.layers)
         ]
@@ -142,21 +136,20 @@ class _VllmAgent:
     def _emit(self, buffer: dict[int, list], spans: list) -> None:
         import torch
 
-        from routescan.telemetry.emulated import RoutingCounts, trace_from_routing
+        from routescan.telemetry.collector import routed_counts, routing_trace
 
         ids = {i: torch.cat(v).cpu() for i, v in buffer.items()}
         for span in spans:
-            routing = RoutingCounts.from_selections(ids, span.start, span.length, self.shapes)
+            counts = routed_counts(ids, span.start, span.length, self.shapes)
 
-            def build(span=span, routing=routing):
-                return trace_from_routing(
+            def build(span=span, counts=counts):
+                return routing_trace(
                     self.model_id,
                     self.shapes,
-                    self.launch_model,
-                    routing,
+                    counts,
+                    span.length,
                     trace_id=span.request_id,
                     collector="vllm-agent",
-                    aggregate=True,
                 )
 
             self.sender.submit(build)

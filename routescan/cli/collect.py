@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,53 +13,10 @@ from routescan.corpus.builder import CorpusConfig, build_corpus, manifest, summa
 from routescan.corpus.prompts import PromptRow, demo_prompts_path, read_prompts
 from routescan.files import atomic_path
 from routescan.models.tiny import tiny_model_types
-from routescan.telemetry.io import append_jsonl, read_traces, trace_format, write_traces
-from routescan.telemetry.registry import available_launch_models, load_launch_model
+from routescan.telemetry.collector import COLLECTORS, Request, open_collector
+from routescan.telemetry.io import TraceSink
 
 _D = defaults("collect.yaml", "collect")
-
-
-def output_paths(out: Path, launch_models: list[str]) -> dict[str, Path]:
-    """One file per launch model: ``out`` itself for one, ``<stem>.<name><suffix>`` for several."""
-    if len(launch_models) == 1:
-        return {launch_models[0]: out}
-    return {name: out.with_name(f"{out.stem}.{name}{out.suffix}") for name in launch_models}
-
-
-def _staging_path(final: Path) -> Path:
-    """Where traces stream during collection: the file itself for JSONL, a side JSONL for Parquet."""
-    return final if trace_format(final) == "jsonl" else final.with_name(final.name + ".partial.jsonl")
-
-
-def _recover_jsonl(path: Path) -> set[str]:
-    """Ids already collected in ``path``. A torn last line (crash mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
-    if keep != len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(keep)
-        console.print(f"[yellow]note:[/] dropped an incomplete last line of {path} (interrupted write)")
-    return {t.trace_id for t in read_traces(path)}
-
-
-def _open_outputs(paths: dict[str, Path], resume: bool) -> tuple[dict[str, Path], set[str] | None]:
-    staging = {}
-    done: set[str] | None = None
-    for name, final in paths.items():
-        stage = _staging_path(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for p in {stage, final}:
-                p.unlink(missing_ok=True)
-        elif stage != final and final.exists() and not stage.exists():
-            # Resuming onto a finished Parquet file: stream its traces back out to append to them.
-            write_traces(stage, read_traces(final))
-        ids = _recover_jsonl(stage)
-        done = ids if done is None else done & ids
-        staging[name] = stage
-    return staging, done
 
 
 def corpus_rows(recipe: Path, corpora: Path) -> tuple[list[PromptRow], dict]:
@@ -77,22 +33,6 @@ def corpus_rows(recipe: Path, corpora: Path) -> tuple[list[PromptRow], dict]:
     )
     rows = [PromptRow(i, e.text, e.id, e.labels()) for i, e in enumerate(examples)]
     return rows, manifest(config, examples)
-
-
-def _cupti_stream(loaded, requests, names: list[str], max_tokens: int, aggregate: bool):
-    """(request, {name: trace}) from the GPU collector, under the single output name asked for.
-    Kernel records only exist per kernel, so ``aggregate`` sums them after the fact."""
-    from routescan.telemetry.cupti import CuptiCollector, GpuUnavailable
-
-    if len(names) != 1:
-        raise ValueError("the cupti collector writes one trace per request: give at most one --launch-model")
-    try:
-        collector = CuptiCollector(loaded, max_tokens=max_tokens)
-        loaded.model.to("cuda")
-        for request, trace in collector.collect(requests):
-            yield request, {names[0]: trace.aggregated() if aggregate else trace}
-    except GpuUnavailable as exc:
-        raise ValueError(str(exc)) from None
 
 
 def collect(
@@ -127,18 +67,6 @@ def collect(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --tiny model's weights.")] = int(_D.get("seed", 0)),
-    launch_model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--launch-model",
-            "-l",
-            help="Launch model(s) to emit (repeat for several from one forward pass; "
-            f"built-in: {', '.join(available_launch_models())}, or a YAML path). Several write "
-            "<out-stem>.<name><suffix> each.",
-            envvar="ROUTESCAN_LAUNCH_MODELS",
-            show_default=False,
-        ),
-    ] = None,
     corpus: Annotated[
         Path | None,
         typer.Option(
@@ -193,14 +121,20 @@ def collect(
             help="Model id to write into traces (default: from the model's config).", show_default=False
         ),
     ] = None,
-    aggregate: Annotated[
-        bool,
+    launch_model: Annotated[
+        list[str] | None,
+        typer.Option("--launch-model", "-l", hidden=True, help="Moved to featurize / train / score."),
+    ] = None,
+    attach_launches: Annotated[
+        str | None,
         typer.Option(
-            "--aggregate/--per-kernel",
-            help="Write one summed launch per (layer, expert) instead of every kernel: fingerprints are "
-            "identical and files far smaller (eager loops over many experts emit thousands of kernels).",
+            "--attach-launches",
+            help="Also keep every kernel launch on each trace: the named launch model's for the emulated "
+            "collector (built-in or a YAML path), the kernel records for cupti (any value). Only for "
+            "validating CUPTI against the emulator; fingerprints never need it.",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     experts_implementation: Annotated[
         str,
         typer.Option(
@@ -213,9 +147,10 @@ def collect(
     collector: Annotated[
         str,
         typer.Option(
-            help="emulated: CPU/any-device forward with routers hooked, launches computed by the launch "
-            "models. cupti: a GPU prefill per request, kernels read from CUPTI activity records "
-            "(needs routescan[gpu] and an NVIDIA driver; launch models do not apply).",
+            help="emulated: CPU/any-device forward with routers hooked; traces hold routed token counts, "
+            "which any launch model turns into kernel launches when featurising or scoring. cupti: a "
+            "GPU prefill per request; traces hold the threads CUPTI measured per (layer, expert) "
+            "(needs routescan[gpu] and an NVIDIA driver).",
             envvar="ROUTESCAN_COLLECTOR",
         ),
     ] = "emulated",
@@ -226,33 +161,50 @@ def collect(
         ),
     ] = True,
 ) -> None:
-    """Run prompts through an MoE model's prefill and write one expert-launch trace per request.
+    """Run prompts through an MoE model's prefill and write one trace (routescan.trace/2) per request.
 
-    The emulated collector runs the forward pass on CPU with the routers hooked and computes the
-    kernel launches a GPU backend would make (see configs/launch/). No prompt text, token id or
-    per-token routing is written: only per-(layer, expert) aggregates.
+    A trace holds, per MoE layer, how many of the request's (token, slot) pairs each expert received
+    (emulated), or the threads each expert's kernels launched (cupti). No prompt text, token id or
+    per-token routing is written: only per-(layer, expert) aggregates. Which kernel signal a detector
+    reads (hf-eager, router, vllm-fused-moe, ...) is chosen when featurising, training or scoring,
+    from the same traces.
 
     With no arguments it runs the embedded default: a seeded tiny Mixtral over twelve built-in demo
     prompts, writing routescan-demo/traces.jsonl.
+
+    Collection is resumable: rerunning the same command skips requests already in --out.
 
     Examples:
 
       routescan collect --tiny qwen2_moe --prompts prompts.csv --label-column label --out t.jsonl
 
-      routescan collect --model ./my-moe --prompts data.jsonl -l hf-eager -l router --out traces.parquet
+      routescan collect --model ./my-moe --prompts data.jsonl --out traces.parquet
     """
-    friendly_errors(_collect)(**locals())
+    if launch_model:
+        # trace/1 collected one file per launch model; a trace/2 file serves every signal
+        friendly_errors(_moved)()
+    friendly_errors(_collect)(
+        prompts=prompts, out=out, model=model, tiny=tiny, seed=seed, corpus=corpus, corpora=corpora,
+        text_column=text_column, id_column=id_column, label_column=label_column, skip_empty=skip_empty,
+        limit=limit, batch_size=batch_size, max_tokens=max_tokens, chat_template=chat_template,
+        system_prompt=system_prompt, model_id=model_id, attach_launches=attach_launches,
+        experts_implementation=experts_implementation, collector=collector, resume=resume,
+    )  # fmt: skip
+
+
+def _moved() -> None:
+    raise ValueError(
+        "collect writes routed counts (routescan.trace/2), from which every signal is derived: pass "
+        "--launch-model to featurize, train, evaluate, inspect or invert instead (the detector's card "
+        "names it for score and serve); --attach-launches keeps per-kernel launches for CUPTI checks"
+    )
 
 
 def _collect(**kw) -> None:
     if kw["model"] is not None and kw["tiny"] is not None:
         raise ValueError("give --model or --tiny, not both")
-    names = kw["launch_model"] or list(_D.get("launch_models", ["hf-eager"]))
-    names = [n for item in names for n in str(item).split(",") if n]
-    launch_models = [load_launch_model(n) for n in names]
-    names = [lm.name for lm in launch_models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"launch models given twice: {names}")
+    if kw["collector"] not in COLLECTORS:
+        raise ValueError(f"--collector must be one of {', '.join(COLLECTORS)}, not {kw['collector']!r}")
 
     corpus_manifest = None
     if kw["corpus"] is not None:
@@ -276,83 +228,56 @@ def _collect(**kw) -> None:
     if kw["limit"] is not None:
         rows = rows[: kw["limit"]]
 
-    paths = output_paths(kw["out"], names)
-    staging, done = _open_outputs(paths, kw["resume"])
-    todo = [r for r in rows if r.trace_id not in (done or set())]
+    sink = TraceSink(kw["out"], resume=kw["resume"], notice=lambda m: console.print(f"[yellow]note:[/] {m}"))
+    todo = [r for r in rows if r.trace_id not in sink.done]
     if corpus_manifest is not None:
         # similar lengths share a batch, so padding does not multiply the cost of the long wrapped
         # requests (a prompt file keeps its order: sort it by length yourself for the same gain)
         todo.sort(key=lambda r: len(r.text))
-    if done:
+    if sink.done:
         console.print(f"resuming: {len(rows) - len(todo)} of {len(rows)} requests already collected")
 
     if todo:
-        # torch and transformers load here, not when the CLI starts
-        from routescan.models.loading import load_pretrained, load_tiny
-        from routescan.telemetry.emulated import EmulatedCollector, Request
-
-        if kw["model"] is not None:
-            loaded = load_pretrained(
-                kw["model"],
-                experts_implementation=kw["experts_implementation"],
-                chat_template=kw["chat_template"],
-                system_prompt=kw["system_prompt"],
-                model_id=kw["model_id"],
-            )
-        else:
-            loaded = load_tiny(kw["tiny"] or _D.get("tiny", "mixtral"), seed=kw["seed"])
-            if kw["model_id"]:
-                loaded.model_id = kw["model_id"]
+        loaded = _load_model(kw)
         impl = loaded.adapter.experts_implementation
         console.print(
             f"model [bold]{loaded.model_id}[/] ({loaded.adapter.arch.name}, {len(loaded.adapter.layers)} MoE "
-            f"layers, experts_implementation={impl}); launch models: {', '.join(names)}",
+            f"layers, experts_implementation={impl}); collector: {kw['collector']}",
             highlight=False,
         )
-        if impl != "eager" and any(lm.per_expert for lm in launch_models):
-            console.print(
-                "[yellow]note:[/] per-expert launch sizes need experts_implementation='eager' on the GPU;"
-                " the emulator computes them from routing regardless"
-            )
-        requests = (Request(r.trace_id, r.text, row=r.row, labels=r.labels) for r in todo)
-        if kw["collector"] == "cupti":
-            stream = _cupti_stream(loaded, requests, names, kw["max_tokens"], kw["aggregate"])
-        elif kw["collector"] == "emulated":
-            stream = EmulatedCollector(
-                loaded,
-                launch_models,
-                batch_size=kw["batch_size"],
-                max_tokens=kw["max_tokens"],
-                aggregate=kw["aggregate"],
-            ).collect(requests)
-        else:
-            raise ValueError(f"--collector must be 'emulated' or 'cupti', not {kw['collector']!r}")
-        handles = {name: staging[name].open("a", encoding="utf-8") for name in names}
-        try:
-            with ProgressLines("collecting", len(todo)) as bar:
-                for _request, traces in stream:
-                    for name, trace in traces.items():
-                        append_jsonl(handles[name], trace)
-                    bar.advance()
-        finally:
-            for fh in handles.values():
-                fh.close()
-
-    for name, final in paths.items():
-        stage = staging[name]
-        if stage != final:
-            write_traces(final, read_traces(stage))
-            os.remove(stage)
-        console.print(f"wrote {final}")
+        collector = open_collector(
+            kw["collector"],
+            loaded,
+            batch_size=kw["batch_size"],
+            max_tokens=kw["max_tokens"],
+            attach=kw["attach_launches"],
+        )
+        requests = [Request(r.trace_id, r.text, row=r.row, labels=r.labels) for r in todo]
+        with sink, ProgressLines("collecting", len(todo)) as bar:
+            sink.collect(collector, requests, progress=bar.advance)
+    final = sink.finish()
+    console.print(f"wrote {final}")
     if corpus_manifest is not None:
-        out_path = Path(kw["out"])
-        target = out_path.with_name(out_path.name.split(".")[0] + ".manifest.json")
+        target = final.with_name(final.name.split(".")[0] + ".manifest.json")
         with atomic_path(target) as tmp:
             tmp.write_text(json.dumps(corpus_manifest, indent=1) + "\n", encoding="utf-8")
         console.print(f"wrote {target} (the source rows this corpus used; no text)")
-    summary = {
-        "requests": len(rows),
-        "collected_now": len(todo),
-        "outputs": {k: str(v) for k, v in paths.items()},
-    }
-    typer.echo(json.dumps(summary))
+    typer.echo(json.dumps({"requests": len(rows), "collected_now": len(todo), "out": str(final)}))
+
+
+def _load_model(kw: dict):
+    # torch and transformers load here, not when the CLI starts
+    from routescan.models.loading import load_pretrained, load_tiny
+
+    if kw["model"] is not None:
+        return load_pretrained(
+            kw["model"],
+            experts_implementation=kw["experts_implementation"],
+            chat_template=kw["chat_template"],
+            system_prompt=kw["system_prompt"],
+            model_id=kw["model_id"],
+        )
+    loaded = load_tiny(kw["tiny"] or _D.get("tiny", "mixtral"), seed=kw["seed"])
+    if kw["model_id"]:
+        loaded.model_id = kw["model_id"]
+    return loaded

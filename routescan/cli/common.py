@@ -6,7 +6,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,6 +19,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Errors whose message already says what was wrong and what to do.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+
+
+SignalOption = Annotated[
+    str | None,
+    typer.Option(
+        "--launch-model",
+        "-l",
+        help="The signal to read from the traces: a launch model (built-in: hf-eager, router, "
+        "vllm-fused-moe, grouped-mm; or a YAML path) that turns their routed counts into kernel "
+        "threads. Default: hf-eager for routed counts, the traces' own for measured ones (cupti).",
+        envvar="ROUTESCAN_LAUNCH_MODEL",
+        show_default=False,
+    ),
+]
 
 
 def friendly_errors(func: F) -> F:

@@ -14,13 +14,17 @@ from tqdm import tqdm
 
 from routescan.cli.common import console, friendly_errors
 
+# the signals compared by default: per-expert kernels, routing itself, and what fused kernels show
+COMPARED_SIGNALS = ("hf-eager", "router", "vllm-fused-moe")
+
 
 def evaluate(
     traces: Annotated[
         list[Path],
         typer.Argument(
-            help="One labelled trace file per signal source (e.g. traces.hf-eager.jsonl "
-            "traces.router.jsonl traces.vllm-fused-moe.jsonl), same requests in each."
+            help="Labelled trace files: one trace/2 file (each --signal is derived from it), or trace/1 "
+            "files of one signal source each (traces.hf-eager.jsonl traces.router.jsonl ...), same "
+            "requests in each."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report Markdown file; .json and PNGs beside it.")],
@@ -45,6 +49,16 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for AUROC intervals.")] = 1000,
     title: Annotated[str, typer.Option(help="Report title.")] = "Detection results",
     seed: Annotated[int, typer.Option()] = 0,
+    signal: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--launch-model",
+            "-l",
+            help="Signals to compare (repeat): launch models applied to the traces' routed counts. "
+            "Default: hf-eager, router and vllm-fused-moe for routed counts; a measured file's own.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Evaluate the detector and its baselines on held-out harm domains and wrapper families.
 
@@ -54,20 +68,22 @@ def evaluate(
 
     Example:
 
-      routescan evaluate runs/t.hf-eager.jsonl runs/t.router.jsonl \\
+      routescan evaluate runs/traces/smollm2.jsonl -l hf-eager -l router -l vllm-fused-moe \\
         --corpus configs/corpus/default.yaml -o docs/results.md
     """
-    friendly_errors(_evaluate)(traces, out, corpus, corpora, methods, bootstrap, title, seed)
+    friendly_errors(_evaluate)(traces, out, corpus, corpora, methods, bootstrap, title, seed, signal)
 
 
-def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed) -> None:
+def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, signal) -> None:
     import numpy as np
 
     from routescan.detector.dataset import LabelledSet
     from routescan.detector.methods import TELEMETRY_METHODS
     from routescan.detector.report import evaluate as run
     from routescan.detector.report import render_markdown, write_figures, write_json
+    from routescan.features.fingerprint import ROUTER
     from routescan.telemetry.io import read_traces
+    from routescan.telemetry.schema import Unit
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(TELEMETRY_METHODS))
@@ -77,11 +93,13 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed) -> 
         )
     sources: dict[str, LabelledSet] = {}
     for path in traces:
-        data = LabelledSet.from_traces(read_traces(path))
-        name = data.spec.launch_model
-        if name in sources:
-            raise ValueError(f"two trace files of launch model '{name}'")
-        sources[name] = data
+        rows = list(read_traces(path))
+        routed = bool(rows) and rows[0].source == ROUTER and rows[0].unit == Unit.tokens
+        for name in (signal or list(COMPARED_SIGNALS)) if routed else [None]:
+            data = LabelledSet.from_traces(rows, launch_model=name)
+            if data.spec.launch_model in sources:
+                raise ValueError(f"signal '{data.spec.launch_model}' given twice")
+            sources[data.spec.launch_model] = data
     ids = [np.sort(d.ids) for d in sources.values()]
     if any(len(i) != len(ids[0]) or not np.array_equal(i, ids[0]) for i in ids):
         raise ValueError("the trace files do not hold the same requests; collect them in one run")

@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from routescan.cli.common import ProgressLines, console, friendly_errors
+from routescan.cli.common import ProgressLines, SignalOption, console, friendly_errors
 from routescan.features.fingerprint import FingerprintMismatch, FingerprintSpec, fingerprint
 from routescan.features.table import write_table
 from routescan.telemetry.io import TraceFileError, iter_trace_rows
+from routescan.telemetry.launch import LaunchModelError
 
 
 def featurize(
@@ -26,17 +27,19 @@ def featurize(
         bool,
         typer.Option(help="Report and skip invalid or mismatched rows instead of stopping at the first."),
     ] = False,
+    launch_model: SignalOption = None,
 ) -> None:
     """Turn each trace into its fixed-length routing fingerprint (spec routescan.fp/1).
 
-    Features per MoE layer: each expert's share of the layer's expert threads, the layer's threads
-    per prompt token, the active-expert count and the routing entropy. All traces of one file must
-    share a model, launch model and layer layout (taken from the first valid trace).
+    Features per MoE layer: each expert's share of the layer's expert threads under the signal
+    (--launch-model), the layer's threads per prompt token, the active-expert count and the routing
+    entropy. All traces of one file must share a model and layer layout (taken from the first valid
+    trace).
     """
-    friendly_errors(_featurize)(traces, out, skip_bad)
+    friendly_errors(_featurize)(traces, out, skip_bad, launch_model)
 
 
-def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
+def _featurize(traces: Path, out: Path, skip_bad: bool, launch_model: str | None) -> None:
     spec: FingerprintSpec | None = None
     fps, bad = [], 0
     with ProgressLines("featurizing", None) as bar:
@@ -44,9 +47,9 @@ def _featurize(traces: Path, out: Path, skip_bad: bool) -> None:
             try:
                 if isinstance(item, TraceFileError):
                     raise item
-                spec = spec or FingerprintSpec.from_trace(item)
+                spec = spec or FingerprintSpec.from_trace(item, launch_model)
                 fps.append(fingerprint(item, spec))
-            except (TraceFileError, FingerprintMismatch) as exc:
+            except (TraceFileError, FingerprintMismatch, LaunchModelError) as exc:
                 if not skip_bad:
                     raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
                 bad += 1

@@ -9,22 +9,19 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from routescan.cli.common import console, friendly_errors
+from routescan.cli.common import SignalOption, console, friendly_errors
 from routescan.features.fingerprint import FingerprintSpec
 from routescan.telemetry.io import read_traces
-from routescan.telemetry.schema import Region, RequestTrace
+from routescan.telemetry.schema import RequestTrace
 
 
-def share_matrix(trace: RequestTrace) -> np.ndarray:
-    """Layers x max-experts matrix of each expert's share of its layer's expert threads."""
-    spec = FingerprintSpec.from_trace(trace)
-    width = max(trace.experts_per_layer)
-    matrix = np.full((len(trace.layers), width), np.nan)
-    vec = spec.transform(trace)
-    pos = 0
-    for i, n in enumerate(trace.experts_per_layer):
-        matrix[i, :n] = vec[pos : pos + n]
-        pos += n + 3
+def share_matrices(traces: list[RequestTrace], spec: FingerprintSpec) -> np.ndarray:
+    """Per trace, a layers x max-experts matrix of each expert's share of its layer's expert threads."""
+    vectors = spec.transform_many(traces)
+    matrix = np.full((len(traces), len(spec.layers), max(spec.experts_per_layer)), np.nan)
+    for i, layer in enumerate(spec.layer_slices()):
+        shares = vectors[:, layer.shares]
+        matrix[:, i, : shares.shape[1]] = shares
     return matrix
 
 
@@ -61,13 +58,16 @@ def inspect(
     png: Annotated[
         Path | None, typer.Option(help="Heatmap path (default: <file>.<id>.heatmap.png).", show_default=False)
     ] = None,
+    launch_model: SignalOption = None,
 ) -> None:
-    """Summarise a trace (model, collector, launch model, tokens, launches, threads per region) and
-    write a layer x expert heatmap PNG of each expert's share of its layer's threads."""
-    friendly_errors(_inspect)(trace_file, trace_id, mean, png)
+    """Summarise a trace (model, collector, what its counts measure, tokens, threads under a signal)
+    and write a layer x expert heatmap PNG of each expert's share of its layer's threads."""
+    friendly_errors(_inspect)(trace_file, trace_id, mean, png, launch_model)
 
 
-def _inspect(trace_file: Path, trace_id: str | None, mean: bool, png: Path | None) -> None:
+def _inspect(
+    trace_file: Path, trace_id: str | None, mean: bool, png: Path | None, launch_model: str | None
+) -> None:
     traces = list(read_traces(trace_file))
     if not traces:
         raise ValueError(f"{trace_file}: no traces")
@@ -77,25 +77,26 @@ def _inspect(trace_file: Path, trace_id: str | None, mean: bool, png: Path | Non
             raise ValueError(f"{trace_file}: no trace with id {trace_id}")
     chosen = traces if mean else traces[:1]
     first = chosen[0]
-    matrix = np.nanmean(np.stack([share_matrix(t) for t in chosen]), axis=0) if mean else share_matrix(first)
+    spec = FingerprintSpec.from_trace(first, launch_model)
+    matrix = np.nanmean(share_matrices(chosen, spec), axis=0)
     label = f"mean of {len(chosen)}" if mean else first.trace_id
+    each = " (mean)" if mean else ""
 
     table = Table(title=f"{trace_file.name}: {label}", show_header=False)
     table.add_row("model", first.model_id)
-    table.add_row(
-        "collector / launch model", f"{first.collector} / {first.launch_model} ({first.unit.value})"
-    )
+    table.add_row("collector / counts", f"{first.collector} / {first.source} {first.unit.value}")
+    table.add_row("signal", f"{spec.launch_model} ({spec.unit.value})")
     table.add_row("MoE layers x experts", f"{len(first.layers)} x {max(first.experts_per_layer)}")
+    table.add_row("prompt tokens" + each, f"{np.mean([t.prompt_tokens for t in chosen]):.1f}")
     table.add_row(
-        "prompt tokens" + (" (mean)" if mean else ""), f"{np.mean([t.prompt_tokens for t in chosen]):.1f}"
+        f"{first.unit.value} counted" + each, f"{np.mean([t.counts.flat.sum() for t in chosen]):,.0f}"
     )
     table.add_row(
-        "launches" + (" (mean)" if mean else ""), f"{np.mean([len(t.launches) for t in chosen]):.1f}"
+        f"{spec.unit.value} launched under the signal" + each, f"{spec.launched(chosen).mean():,.0f}"
     )
-    for region in Region:
-        total = np.mean([sum(x.threads for x in t.launches if x.region == region) for t in chosen])
-        if total:
-            table.add_row(f"{first.unit.value} in '{region.value}' region", f"{total:,.0f}")
+    attached = [len(t.launches) for t in chosen if t.launches is not None]
+    if attached:
+        table.add_row("attached kernel launches" + each, f"{np.mean(attached):.1f}")
     busiest = [
         f"L{layer}:E{int(np.nanargmax(row))} ({np.nanmax(row):.2f})"
         for layer, row in zip(first.layers, matrix, strict=True)
@@ -105,5 +106,5 @@ def _inspect(trace_file: Path, trace_id: str | None, mean: bool, png: Path | Non
     console.print(table)
 
     png = png or trace_file.with_name(f"{trace_file.stem}.{'mean' if mean else first.trace_id}.heatmap.png")
-    save_heatmap(matrix, first.layers, f"{first.model_id} / {first.launch_model}: {label}", png)
+    save_heatmap(matrix, first.layers, f"{first.model_id} / {spec.launch_model}: {label}", png)
     console.print(f"heatmap: {png}")

@@ -10,13 +10,11 @@ from typing import Annotated
 
 import typer
 
-from routescan.cli.common import console, friendly_errors
+from routescan.cli.common import SignalOption, console, friendly_errors
 
 
 def invert(
-    traces: Annotated[
-        Path, typer.Argument(help="Traces from `routescan collect --corpus` (one launch model).")
-    ],
+    traces: Annotated[Path, typer.Argument(help="Traces from `routescan collect --corpus`.")],
     corpus: Annotated[Path, typer.Option(help="The corpus recipe the traces were collected from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report (Markdown); .json and a PNG beside it.")],
     corpora: Annotated[Path, typer.Option(envvar="ROUTESCAN_CORPORA", help="Shared corpora folder.")] = Path(
@@ -30,15 +28,16 @@ def invert(
         str, typer.Option(help="Candidate pool sizes for retrieval, comma-separated.")
     ] = "100,1000",
     seed: Annotated[int, typer.Option()] = 0,
+    launch_model: SignalOption = None,
 ) -> None:
     """Train attackers that try to recover prompt content from routing fingerprints, and the same
     attackers on the prompt text as the upper reference (a research setting: the prompts are rebuilt
     from the corpus in memory by request id, never read from a trace). Held-out evaluation, fixed seeds.
     """
-    friendly_errors(_invert)(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed)
+    friendly_errors(_invert)(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, launch_model)
 
 
-def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed) -> None:
+def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, launch_model) -> None:
     import numpy as np
 
     from routescan.corpus.builder import CorpusConfig, build_corpus
@@ -58,7 +57,7 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed) -
     ]
     if len(rows) < 200:
         raise ValueError(f"only {len(rows)} traces match the corpus; the attacks need a few hundred at least")
-    spec = FingerprintSpec.from_trace(rows[0])
+    spec = FingerprintSpec.from_trace(rows[0], launch_model)
     ex = [examples[t.trace_id] for t in rows]
     data = AttackData(
         X=spec.transform_many(rows),

@@ -11,7 +11,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from routescan.cli.common import console, friendly_errors
+from routescan.cli.common import SignalOption, console, friendly_errors
 
 
 def train(
@@ -27,22 +27,25 @@ def train(
         str, typer.Option(help="Operating point the service applies: fpr1 or fpr5.")
     ] = "fpr5",
     seed: Annotated[int, typer.Option(help="Seed of subsamples and folds.")] = 0,
+    launch_model: SignalOption = None,
 ) -> None:
     """Fit the domain-invariant detector (routescan.detector.invariant) on every labelled trace.
 
     Hyper-parameters are chosen by inner leave-one-environment-out splits (harm domains, wrapper
     families); probabilities are Platt-calibrated and the 1% / 5% FPR operating points come from
     out-of-fold scores. Hard negatives are kept out of training. The detector file pins the model,
-    launch model and fingerprint spec of the traces: scoring anything else is refused.
+    signal (--launch-model) and fingerprint spec: scoring anything else is refused.
 
     Example:
 
-      routescan train runs/traces/smollm2.hf-eager.jsonl -o runs/detectors/smollm2-hf-eager.zip
+      routescan train runs/traces/smollm2.jsonl -l hf-eager -o runs/detectors/smollm2-hf-eager.zip
     """
-    friendly_errors(_train)(traces, out, detector_id, version, default_operating_point, seed)
+    friendly_errors(_train)(traces, out, detector_id, version, default_operating_point, seed, launch_model)
 
 
-def _train(traces: Path, out: Path, detector_id: str | None, version: str, op: str, seed: int) -> None:
+def _train(
+    traces: Path, out: Path, detector_id: str | None, version: str, op: str, seed: int, signal: str | None
+) -> None:
     from routescan.detector.artifact import Detector, DetectorCard
     from routescan.detector.dataset import LabelledSet
     from routescan.detector.methods import fit_invariant
@@ -50,7 +53,7 @@ def _train(traces: Path, out: Path, detector_id: str | None, version: str, op: s
     from routescan.detector.train import operating_points
     from routescan.telemetry.io import read_traces
 
-    data = LabelledSet.from_traces(read_traces(traces))
+    data = LabelledSet.from_traces(read_traces(traces), launch_model=signal)
     data = data.subset(np.flatnonzero(~data.hard_negative))
     console.print(f"training on {len(data)} traces ({int(data.y.sum())} harmful); choosing hyper-parameters")
     clf, found = fit_invariant(data, seed=seed, calibrate=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from routescan.features.fingerprint import FingerprintSpec
-from routescan.telemetry.schema import Phase, RequestTrace
+from routescan.telemetry.launch import LaunchModel
+from routescan.telemetry.schema import RequestTrace
 
 PLAIN = "none"
 BENIGN_GROUP = "benign"
@@ -53,11 +54,19 @@ class LabelledSet:
         return LabelledSet(spec=self.spec, **rows)
 
     @classmethod
-    def from_traces(cls, traces: Iterable[RequestTrace], spec: FingerprintSpec | None = None) -> LabelledSet:
+    def from_traces(
+        cls,
+        traces: Iterable[RequestTrace],
+        spec: FingerprintSpec | None = None,
+        *,
+        launch_model: LaunchModel | str | None = None,
+    ) -> LabelledSet:
+        """Labelled fingerprints of corpus traces, under ``spec`` or, without one, under
+        ``launch_model`` (the signal: default, the traces' counts as they are)."""
         traces = list(traces)
         if not traces:
             raise ValueError("no traces")
-        spec = spec or FingerprintSpec.from_trace(traces[0])
+        spec = spec or FingerprintSpec.from_trace(traces[0], launch_model)
         missing = [t.trace_id for t in traces if "label" not in t.labels][:3]
         if missing:
             raise ValueError(
@@ -81,8 +90,5 @@ class LabelledSet:
             base=np.array([str(t.labels.get("base", t.trace_id)) for t in traces]),
             hard_negative=col("hard_negative", 0) == "1",
             prompt_tokens=np.array([t.prompt_tokens for t in traces], dtype=np.float64),
-            launched=np.array(
-                [sum(x.threads for x in t.launches if x.phase == Phase.prefill) for t in traces],
-                dtype=np.float64,
-            ),
+            launched=spec.launched(traces),
         )

@@ -26,6 +26,7 @@ from routescan.detector.artifact import (
 )
 from routescan.features.fingerprint import Fingerprint
 from routescan.files import atomic_path
+from routescan.telemetry.launch import LaunchModelError
 from routescan.telemetry.schema import RequestTrace
 
 Label = Literal["flagged", "ok"]
@@ -89,9 +90,9 @@ class Scorer:
         """Raise :class:`DetectorMismatch` or :class:`InputRejected` for an input it cannot score."""
         if isinstance(item, RequestTrace):
             self.detector.check_trace(item)
-            if not any(item.expert_threads().values()):
+            if item.is_empty():
                 raise InputRejected(
-                    f"trace {item.trace_id} has no expert launches in prefill: there is nothing to score"
+                    f"trace {item.trace_id} routed nothing to any expert in prefill: nothing to score"
                 )
         else:
             self.detector.check_fingerprint(item)
@@ -99,13 +100,18 @@ class Scorer:
                 raise InputRejected(f"fingerprint {item.trace_id} is all zeros: there is nothing to score")
 
     def features(self, items: Sequence[Item]) -> np.ndarray:
-        """Feature rows of checked items (traces featurised with the detector's spec)."""
+        """Feature rows of checked items; the traces are featurised with the detector's spec as one
+        batch (the launch model applied once per distinct count)."""
         X = np.empty((len(items), self.detector.spec.dim), dtype=np.float64)
+        traces = [i for i, item in enumerate(items) if isinstance(item, RequestTrace)]
         for i, item in enumerate(items):
-            if isinstance(item, RequestTrace):
-                X[i] = self.detector.spec.transform(item)
-            else:
+            if not isinstance(item, RequestTrace):
                 X[i] = item.values
+        if traces:
+            try:
+                X[traces] = self.detector.spec.transform_many([items[i] for i in traces])
+            except LaunchModelError as exc:
+                raise InputRejected(str(exc)) from None
         return X
 
     def score(self, items: Sequence[Item], *, check: bool = True) -> list[Scored]:

@@ -8,43 +8,68 @@ Spec ``routescan.fp/1``, for each MoE layer (in layer order):
 - ``L{l}.active``: experts that launched anything;
 - ``L{l}.entropy``: Shannon entropy (nats) of the layer's shares.
 
-The vector depends only on per-(layer, expert) sums and the prompt length, so it ignores kernel
-order and is the same for the same routing whichever collector (emulated or CUPTI) produced the
-trace. The spec is pinned to one model and launch model: a trace of another is refused.
+The vector depends only on per-(layer, expert) sums and the prompt length, so it is the same for
+the same routing whichever collector produced the trace: routed token counts put through the launch
+model, or the launch model's kernels as a kernel collector measured them. The spec is pinned to one
+model and signal: a trace of another is refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator
+from scipy.special import entr
 
+from routescan.telemetry.launch import LaunchModel, signal_threads
+from routescan.telemetry.registry import load_launch_model
 from routescan.telemetry.schema import (
     MAX_COUNT,
     LabelKey,
     Labels,
     ModelId,
     Name,
-    Phase,
-    Region,
     RequestTrace,
     TraceId,
     Unit,
 )
+
+ROUTER = "router"  # the source of routed (token, slot) counts, which any launch model can turn into threads
+# The signal read from routed counts when none is named: what a GPU's eager experts loop launches,
+# the per-expert kernel signal RouteScan is built on (docs/results.md compares the others).
+DEFAULT_SIGNAL = "hf-eager"
 
 SPEC_VERSION: Literal["routescan.fp/1"] = "routescan.fp/1"
 FINGERPRINT_SCHEMA: Literal["routescan.fingerprint/1"] = "routescan.fingerprint/1"
 
 
 class FingerprintMismatch(ValueError):
-    """A trace does not fit a fingerprint spec (other model, launch model or layer layout)."""
+    """A trace does not fit a fingerprint spec (other model, signal or layer layout)."""
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """Where one MoE layer's features sit in a fingerprint vector."""
+
+    layer: int
+    shares: slice
+    total_per_token: int
+    active: int
+    entropy: int
 
 
 class FingerprintSpec(BaseModel):
-    """What a fingerprint vector means: which model, launch model and layer layout it reads."""
+    """What a fingerprint vector means: which model, signal (launch model) and layer layout it reads.
+
+    A trace gives the spec's signal in one of two ways: its counts are that signal as measured
+    (``source`` is the launch model's name, in its unit: CUPTI threads, or router counts for the
+    ``router`` signal), or they are routed token counts, which the launch model turns into the
+    threads its kernels would launch."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,16 +79,48 @@ class FingerprintSpec(BaseModel):
     unit: Unit
     layers: list[int]
     experts_per_layer: list[int]
+    _bound: LaunchModel | None = PrivateAttr(default=None)
 
     @classmethod
-    def from_trace(cls, trace: RequestTrace) -> FingerprintSpec:
-        return cls(
+    def from_trace(
+        cls, trace: RequestTrace, launch_model: LaunchModel | str | None = None
+    ) -> FingerprintSpec:
+        """The spec of ``trace``'s model under a signal. Default: :data:`DEFAULT_SIGNAL` for routed
+        token counts, the trace's own signal for measured threads (CUPTI, trace/1 files) and for
+        counts without the layer widths a launch model needs (trace/1 router files)."""
+        if launch_model is None and trace.source == ROUTER and trace.unit == Unit.tokens and trace.dims:
+            launch_model = DEFAULT_SIGNAL
+        if isinstance(launch_model, str):
+            launch_model = load_launch_model(launch_model)
+        spec = cls(
             model_id=trace.model_id,
-            launch_model=trace.launch_model,
-            unit=trace.unit,
+            launch_model=launch_model.name if launch_model is not None else trace.source,
+            unit=launch_model.unit if launch_model is not None else trace.unit,
             layers=list(trace.layers),
             experts_per_layer=list(trace.experts_per_layer),
         )
+        return spec.bind(launch_model) if launch_model is not None else spec
+
+    def __eq__(self, other: object) -> bool:
+        # the bound launch model object is how the signal is computed, not what the spec means
+        return isinstance(other, FingerprintSpec) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(self.model_dump_json())
+
+    def bind(self, launch_model: LaunchModel) -> FingerprintSpec:
+        """Use this launch model object for the spec's signal (one from a YAML path, say)."""
+        if launch_model.name != self.launch_model:
+            raise FingerprintMismatch(
+                f"launch model '{launch_model.name}' is not the spec's signal '{self.launch_model}'"
+            )
+        self._bound = launch_model
+        return self
+
+    def signal(self) -> LaunchModel:
+        if self._bound is None:
+            self._bound = load_launch_model(self.launch_model)
+        return self._bound
 
     @property
     def dim(self) -> int:
@@ -76,12 +133,19 @@ class FingerprintSpec(BaseModel):
             names.extend((f"L{layer}.total_per_token", f"L{layer}.active", f"L{layer}.entropy"))
         return names
 
-    def check(self, trace: RequestTrace) -> None:
-        """Raise :class:`FingerprintMismatch` naming what differs."""
+    def layer_slices(self) -> list[LayerSlice]:
+        """Each layer's place in the vector: its experts' shares, then total per token, active, entropy."""
+        out, pos = [], 0
+        for layer, n in zip(self.layers, self.experts_per_layer, strict=True):
+            out.append(LayerSlice(layer, slice(pos, pos + n), pos + n, pos + n + 1, pos + n + 2))
+            pos += n + 3
+        return out
+
+    def measured(self, trace: RequestTrace) -> bool:
+        """True when the trace's counts are this signal as is; False when the launch model applies.
+        Raises :class:`FingerprintMismatch` naming what differs when the trace cannot give it."""
         for what, mine, theirs in (
             ("model", self.model_id, trace.model_id),
-            ("launch model", self.launch_model, trace.launch_model),
-            ("unit", self.unit, trace.unit),
             ("layers", self.layers, trace.layers),
             ("experts per layer", self.experts_per_layer, trace.experts_per_layer),
         ):
@@ -89,35 +153,78 @@ class FingerprintSpec(BaseModel):
                 raise FingerprintMismatch(
                     f"trace {trace.trace_id} has {what} {theirs!r}, but the fingerprint spec expects {mine!r}"
                 )
+        if trace.source == self.launch_model and trace.unit == self.unit:
+            return True
+        if trace.source == ROUTER and trace.unit == Unit.tokens:
+            return False
+        raise FingerprintMismatch(
+            f"trace {trace.trace_id} holds '{trace.source}' {trace.unit.value}, which cannot give the "
+            f"spec's signal '{self.launch_model}': send routed token counts (source 'router') or "
+            f"'{self.launch_model}' measurements"
+        )
+
+    def check(self, trace: RequestTrace) -> None:
+        """Raise :class:`FingerprintMismatch` naming what differs."""
+        self.measured(trace)
 
     def transform(self, trace: RequestTrace) -> np.ndarray:
         """One trace -> vector of length :attr:`dim` (float64)."""
-        self.check(trace)
-        per_layer = {
-            layer: np.zeros(n, dtype=np.float64)
-            for layer, n in zip(self.layers, self.experts_per_layer, strict=True)
-        }
-        for launch in trace.launches:
-            if launch.region == Region.expert and launch.phase == Phase.prefill:
-                per_layer[launch.layer][launch.expert] += launch.threads  # type: ignore[index]
-        out = np.empty(self.dim, dtype=np.float64)
-        pos = 0
-        for layer in self.layers:
-            threads = per_layer[layer]
-            total = float(threads.sum())
-            shares = threads / total if total > 0 else threads
-            n = threads.size
-            out[pos : pos + n] = shares
-            nz = shares[shares > 0]
-            out[pos + n] = total / trace.prompt_tokens
-            out[pos + n + 1] = float(np.count_nonzero(threads))
-            out[pos + n + 2] = float(-(nz * np.log(nz)).sum()) if nz.size else 0.0
-            pos += n + 3
-        return out
+        return self.transform_many([trace])[0]
 
     def transform_many(self, traces: Iterable[RequestTrace]) -> np.ndarray:
-        rows = [self.transform(t) for t in traces]
-        return np.vstack(rows) if rows else np.zeros((0, self.dim))
+        """Traces -> ``(n, dim)`` matrix, computed for the whole batch at once."""
+        traces = list(traces)
+        X = np.empty((len(traces), self.dim), dtype=np.float64)
+        if not traces:
+            return X
+        measured = [self.measured(t) for t in traces]
+        if len(set(measured)) == 1:  # the usual batch: one kind of trace, no gather / scatter
+            threads = signal_threads(traces, None if measured[0] else self.signal()).expert
+            return self._vectors(threads, np.array([t.prompt_tokens for t in traces], dtype=np.float64))
+        for as_is in (True, False):
+            idx = [i for i, m in enumerate(measured) if m is as_is]
+            if idx:
+                part = [traces[i] for i in idx]
+                threads = signal_threads(part, None if as_is else self.signal()).expert
+                X[idx] = self._vectors(threads, np.array([t.prompt_tokens for t in part], dtype=np.float64))
+        return X
+
+    def launched(self, traces: Sequence[RequestTrace]) -> np.ndarray:
+        """Every prefill thread of each trace under this signal, per-layer work included: what an
+        observer who cannot attribute launches to experts sees (for vLLM's fused MoE, a function of
+        length only)."""
+        out = np.empty(len(traces))
+        for i, trace in enumerate(traces):
+            sig = signal_threads([trace], None if self.measured(trace) else self.signal())
+            out[i] = sig.expert.sum() + sig.region.sum()
+        return out
+
+    def _vectors(self, threads: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        n_layers = len(self.layers)
+        widths = set(self.experts_per_layer)
+        if len(widths) == 1:  # every layer as wide: all layers at once
+            (width,) = widths
+            blocks = [threads.reshape(len(threads), n_layers, width)]
+        else:
+            edges = np.cumsum([0, *self.experts_per_layer])
+            blocks = [threads[:, lo:hi][:, None, :] for lo, hi in itertools.pairwise(edges)]
+        parts = []
+        for block in blocks:  # (traces, layers, experts)
+            total = block.sum(axis=2)
+            shares = block / np.where(total > 0, total, 1.0)[:, :, None]
+            extra = np.stack(
+                # entr(x) = -x log x, 0 at 0: the routing entropy in one pass
+                [
+                    total / tokens[:, None],
+                    np.count_nonzero(block, axis=2).astype(np.float64),
+                    entr(shares).sum(axis=2),
+                ],
+                axis=2,
+            )
+            parts.append(np.concatenate([shares, extra], axis=2))
+        if len(parts) == 1:
+            return parts[0].reshape(len(threads), -1)
+        return np.concatenate([p.reshape(len(threads), -1) for p in parts], axis=1)
 
 
 class Fingerprint(BaseModel):
@@ -142,16 +249,24 @@ class Fingerprint(BaseModel):
         return values
 
 
+def fingerprints(traces: Sequence[RequestTrace], spec: FingerprintSpec) -> list[Fingerprint]:
+    """Fingerprints of traces under ``spec`` (featurised as one batch)."""
+    X = spec.transform_many(traces)
+    return [
+        Fingerprint(
+            trace_id=t.trace_id,
+            model_id=t.model_id,
+            launch_model=spec.launch_model,
+            values=x.tolist(),
+            row=t.row,
+            labels=dict(t.labels),
+        )
+        for t, x in zip(traces, X, strict=True)
+    ]
+
+
 def fingerprint(trace: RequestTrace, spec: FingerprintSpec | None = None) -> Fingerprint:
-    spec = spec or FingerprintSpec.from_trace(trace)
-    return Fingerprint(
-        trace_id=trace.trace_id,
-        model_id=trace.model_id,
-        launch_model=trace.launch_model,
-        values=spec.transform(trace).tolist(),
-        row=trace.row,
-        labels=dict(trace.labels),
-    )
+    return fingerprints([trace], spec or FingerprintSpec.from_trace(trace))[0]
 
 
 def label_columns(traces: Sequence[RequestTrace]) -> list[str]:
@@ -162,12 +277,15 @@ def label_columns(traces: Sequence[RequestTrace]) -> list[str]:
 
 
 __all__ = [
+    "DEFAULT_SIGNAL",
     "FINGERPRINT_SCHEMA",
     "SPEC_VERSION",
     "Fingerprint",
     "FingerprintMismatch",
     "FingerprintSpec",
     "LabelKey",
+    "LayerSlice",
     "fingerprint",
+    "fingerprints",
     "label_columns",
 ]

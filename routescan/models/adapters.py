@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -202,9 +203,7 @@ class MoEAdapter:
     def record(self) -> Iterator[RoutingRecorder]:
         """Hook every router for the duration of the block; hooks are removed even on error."""
         recorder = RoutingRecorder(self)
-        handles = [
-            layer.router.register_forward_hook(recorder._hook_for(layer.layer)) for layer in self.layers
-        ]
+        handles = recorder.attach()
         try:
             yield recorder
         finally:
@@ -214,13 +213,24 @@ class MoEAdapter:
 
 @dataclass
 class RoutingRecorder:
-    """Selected experts per MoE layer, in router call order, for the forward passes it saw."""
+    """Selected experts per MoE layer, in router call order, for the forward passes it saw while
+    ``enabled``. The one router hook of RouteScan: collectors attach it for a pass, the in-process
+    agent keeps it attached and enables it for prefill steps only."""
 
     adapter: MoEAdapter
+    enabled: bool = True
     _calls: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def attach(self) -> list[Any]:
+        """Hook every router; returns the handles to remove."""
+        return [
+            layer.router.register_forward_hook(self._hook_for(layer.layer)) for layer in self.adapter.layers
+        ]
 
     def _hook_for(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: tuple) -> None:
+            if not self.enabled:
+                return
             indices = output[2] if isinstance(output, tuple) else None
             if not isinstance(indices, torch.Tensor):
                 raise UnsupportedModelError(

@@ -55,7 +55,8 @@ class AttackData:
     domain: np.ndarray  # harm domain, "benign" for benign rows
 
 
-def _split(n: int, seed: int, test_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, seed: int, test_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / test row indices (sorted), ``test_fraction`` held out."""
     perm = np.random.default_rng(seed).permutation(n)
     cut = int(n * (1 - test_fraction))
     return np.sort(perm[:cut]), np.sort(perm[cut:])
@@ -165,7 +166,9 @@ def word_recovery(
     return out
 
 
-def _embed_texts(texts: Sequence[str], train: np.ndarray, seed: int, dim: int = 128):
+def embed_texts(texts: Sequence[str], train: np.ndarray, seed: int, dim: int = 128):
+    """The text side's features, fitted on the train rows only: the L2-normalised SVD embedding of
+    the TF-IDF matrix, and the TF-IDF matrix itself."""
     tfidf = TfidfVectorizer(min_df=2, sublinear_tf=True, ngram_range=(1, 2), max_features=20_000)
     T = tfidf.fit(np.asarray(texts, dtype=object)[train]).transform(texts)
     svd = TruncatedSVD(n_components=min(dim, T.shape[1] - 1), random_state=seed).fit(T[train])
@@ -253,8 +256,8 @@ def revealed(data: AttackData, train: np.ndarray, test: np.ndarray, *, seed: int
 def run_attacks(
     data: AttackData, *, top_n: int = 100, seed: int = 0, pools: Sequence[int] = (100, 1000)
 ) -> dict[str, Any]:
-    train, test = _split(len(data.texts), seed)
-    E, T = _embed_texts(data.texts, train, seed)  # one TF-IDF fit serves word recovery and retrieval
+    train, test = holdout_split(len(data.texts), seed)
+    E, T = embed_texts(data.texts, train, seed)  # one TF-IDF fit serves word recovery and retrieval
     words_of = [content_words(t) for t in data.texts]
     reps = {"fingerprint": data.X, "text (tf-idf)": T}
     return {

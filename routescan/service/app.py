@@ -8,6 +8,7 @@ schemas before it is touched; error bodies name the field and the reason but nev
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -79,9 +80,15 @@ def create_app(
         )
         metrics.watch_model(card.spec.model_id)
         app.state.runtime = Runtime(service=service, store=audit)
+        # Everything loaded so far (libraries, the detector) lives as long as the daemon. Frozen, the
+        # cyclic collector no longer walks it on each full collection: those walks tripled the cost
+        # of validating a batch of traces (scripts/bench_service.py; docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             app.state.runtime = None
             if alerts is not None:
                 alerts.close()

@@ -15,8 +15,10 @@ from fastapi import Depends, HTTPException, Request
 from routescan.service.metrics import Metrics
 from routescan.service.scoring import ScoringService
 from routescan.service.store import AuditStore
+from routescan.telemetry.wire import MEDIA_TYPES as MSGPACK_TYPES
 
 JSON_TYPES = ("application/json",)
+BODY_TYPES = JSON_TYPES + MSGPACK_TYPES
 # Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency on a worker thread,
 # a hop that costs more than the work of these lookups.
 
@@ -70,12 +72,23 @@ async def require_token(request: Request) -> None:
 Authorized = Depends(require_token)
 
 
-async def read_json_body(request: Request) -> bytes:
-    """The body, when it is JSON and within ``max_body_bytes`` (checked by header and by bytes read)."""
+@dataclass(frozen=True)
+class Body:
+    """A request body and how it is encoded (JSON, or the binary wire's MessagePack)."""
+
+    data: bytes
+    binary: bool
+
+
+async def read_body(request: Request) -> Body:
+    """The body, when it is JSON or MessagePack and within ``max_body_bytes`` (checked by header and
+    by bytes read)."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media not in JSON_TYPES:
+    if media not in BODY_TYPES:
         raise HTTPException(
-            415, f"send the body as {' or '.join(JSON_TYPES)} (Content-Type header); other types are refused"
+            415,
+            f"send the body as {JSON_TYPES[0]} or {MSGPACK_TYPES[0]} (Content-Type header); other types "
+            "are refused",
         )
     limit = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
@@ -88,7 +101,7 @@ async def read_json_body(request: Request) -> bytes:
         if size > limit:
             raise HTTPException(413, f"request body over the {limit}-byte limit (max_body_bytes)")
         parts.append(chunk)
-    return b"".join(parts)
+    return Body(b"".join(parts), media in MSGPACK_TYPES)
 
 
-JsonBody = Annotated[bytes, Depends(read_json_body)]
+BodyDep = Annotated[Body, Depends(read_body)]

@@ -26,6 +26,7 @@ from routescan.service.metrics import Metrics
 from routescan.service.schemas import BatchRequest, ScoreRequest, ScoreResult
 from routescan.service.settings import ServiceSettings
 from routescan.service.store import AuditRecord, AuditStore
+from routescan.telemetry.wire import WireError, unpackb
 
 M = TypeVar("M", bound=BaseModel)
 MAX_ERRORS = 20
@@ -111,9 +112,16 @@ def _structural(msg: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ["body"], "type": "structure", "msg": msg}])
 
 
-def parse(body: bytes, model: type[M]) -> M:
-    """Validate a raw JSON body in pydantic-core (Rust parsing, no Python dict in between)."""
+def parse(body: bytes, model: type[M], *, binary: bool = False) -> M:
+    """Validate a raw body: JSON in pydantic-core (Rust parsing, no Python dict in between), or the
+    binary wire decoded (bounded) and validated by the same model."""
     try:
+        if binary:
+            try:
+                decoded = unpackb(body)
+            except WireError as exc:
+                raise _structural(str(exc)) from None
+            return model.model_validate(decoded)
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise refused(exc) from None
@@ -137,29 +145,37 @@ class ScoringService:
         self.alerts = alerts
         self._limiter = anyio.CapacityLimiter(settings.parse_threads)
 
-    def evaluate(self, body: bytes, batch: bool, large: bool) -> list[Scored]:
-        """CPU work of one request: parse, check, featurise, score (a large body is first checked
-        for field floods, which pydantic-core would otherwise spend seconds refusing)."""
-        if large:
+    def evaluate(self, body: bytes, batch: bool, large: bool, binary: bool = False) -> list[Scored]:
+        """CPU work of one request: parse, check, featurise, score (a large JSON body is first
+        checked for field floods, which pydantic-core would otherwise spend seconds refusing; the
+        binary decoder bounds maps itself)."""
+        if large and not binary:
             check_structure(body)
         items: list[ScoreRequest]
         if batch:
-            items = parse(body, BatchRequest).items
+            items = parse(body, BatchRequest, binary=binary).items
             if len(items) > self.settings.max_batch:
                 raise BatchTooLarge(f"{len(items)} items, over max_batch={self.settings.max_batch}")
         else:
-            items = [parse(body, ScoreRequest)]
+            items = [parse(body, ScoreRequest, binary=binary)]
         inputs = [i.trace if i.trace is not None else i.fingerprint for i in items]
         return self.scorer.score(inputs)  # type: ignore[arg-type]
 
-    async def score(self, body: bytes, *, batch: bool) -> tuple[list[ScoreResult], float]:
-        """Score a request body and record every result before acknowledging any."""
+    async def score(
+        self, body: bytes, *, batch: bool, binary: bool = False
+    ) -> tuple[list[ScoreResult], float]:
+        """Score a request body and record every result before acknowledging any.
+
+        A body up to ``inline_parse_bytes`` is parsed and scored on the event loop: that work
+        (tens of microseconds for a trace) costs less than the hop to a worker thread. A bigger one
+        goes to a worker thread, so probes and small requests are answered while it is scored."""
         start = time.perf_counter()
         if len(body) <= self.settings.inline_parse_bytes:
-            scored = self.evaluate(body, batch, large=False)
+            scored = self.evaluate(body, batch, large=False, binary=binary)
         else:  # a big body would hold the event loop (and every probe) for its whole parse
             scored = await anyio.to_thread.run_sync(
-                functools.partial(self.evaluate, body, batch, large=True), limiter=self._limiter
+                functools.partial(self.evaluate, body, batch, large=True, binary=binary),
+                limiter=self._limiter,
             )
         card, point, now = self.scorer.card, self.scorer.point, time.time()
         records = [

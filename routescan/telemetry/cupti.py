@@ -24,9 +24,9 @@ import torch
 
 from routescan.models.adapters import MoEAdapter
 from routescan.models.loading import LoadedMoE
+from routescan.telemetry.collector import CollectionError, Request, layer_shapes, routing_trace
 from routescan.telemetry.cupti_records import EXTERNAL_KIND, KernelAttributor, RegionTag
-from routescan.telemetry.emulated import CollectionError, Request
-from routescan.telemetry.schema import Region, RequestTrace, Unit
+from routescan.telemetry.schema import Region, RequestTrace, Unit, sum_launches
 
 BUFFER_BYTES = 8 * 1024 * 1024
 _NO_GPU_HINT = "use the emulated collector instead (--collector emulated), which needs no GPU"
@@ -142,7 +142,14 @@ class CuptiCollector:
 
     name = "cupti"
 
-    def __init__(self, loaded: LoadedMoE, *, max_tokens: int = 4096, session: CuptiSession | None = None):
+    def __init__(
+        self,
+        loaded: LoadedMoE,
+        *,
+        max_tokens: int = 4096,
+        session: CuptiSession | None = None,
+        attach: bool = False,
+    ) -> None:
         if not torch.cuda.is_available():
             raise GpuUnavailable(f"PyTorch sees no CUDA device; {_NO_GPU_HINT}")
         impl = loaded.adapter.experts_implementation
@@ -153,6 +160,8 @@ class CuptiCollector:
             )
         self.loaded = loaded
         self.max_tokens = max_tokens
+        self.attach = attach  # keep every kernel record on the trace (validation against the emulator)
+        self._shapes = layer_shapes(loaded.adapter)
         self.session = session or CuptiSession()
         self._request: str | None = None
         self._hit: dict[int, tuple[int, ...]] = {}
@@ -230,19 +239,21 @@ class CuptiCollector:
             self.session.stop()
 
     def _trace(self, request: Request, launches: Sequence, tokens: int) -> RequestTrace:
-        adapter = self.loaded.adapter
-        return RequestTrace(
+        """Kernel records summed per (layer, expert): threads measured, under the source ``cupti``."""
+        shapes = self._shapes
+        counts, regions = sum_launches(launches, [s.layer for s in shapes], [s.num_experts for s in shapes])
+        return routing_trace(
+            self.loaded.model_id,
+            shapes,
+            counts,
+            tokens,
             trace_id=request.trace_id,
-            model_id=self.loaded.model_id,
             collector=self.name,
-            launch_model="cupti",
+            source="cupti",
             unit=Unit.threads,
-            layers=[layer.layer for layer in adapter.layers],
-            experts_per_layer=[layer.num_experts for layer in adapter.layers],
-            top_k=[layer.top_k for layer in adapter.layers],
-            prompt_tokens=tokens,
-            launches=list(launches),
+            region_threads=regions,
+            launches=list(launches) if self.attach else None,
             row=request.row,
             labels=request.labels,
-            experts_implementation=adapter.experts_implementation,
+            experts_implementation=self.loaded.adapter.experts_implementation,
         )

@@ -1,119 +1,40 @@
-"""The emulated collector: run a model's prefill on CPU, read routing from the adapters, and turn
-per-(layer, expert) routed counts into the launches a GPU backend would make (a launch model).
+"""The emulated collector: run a model's prefill on CPU (or any torch device), read routing from the
+adapters, and write each request's per-(layer, expert) routed counts as a trace/2 record.
 
-It produces exactly the trace a GPU collector would for the same routing, with no GPU: that is
-what lets the detector be trained and tested on machines without one. Only per-request
+Launch models turn those counts into the kernel launches a GPU backend would make when the trace is
+featurised or scored, so the trace is what a GPU collector's would be for the same routing, with no
+GPU: that is what lets the detector be trained and tested on machines without one. Only per-request
 aggregates are kept: counts per (layer, expert), never which token went where.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
-from routescan.models.adapters import MoEAdapter
 from routescan.models.batching import pad_batch
 from routescan.models.loading import LoadedMoE
+from routescan.telemetry.collector import (
+    CollectionError,
+    Request,
+    layer_shapes,
+    routed_counts,
+    routing_trace,
+)
 from routescan.telemetry.launch import LaunchModel
 from routescan.telemetry.schema import RequestTrace
 
-
-class CollectionError(ValueError):
-    """A request could not be collected; the message names it by id, never by text."""
-
-
-@dataclass
-class Request:
-    """One request to collect. ``text`` is used for encoding and then dropped."""
-
-    trace_id: str
-    text: str = field(repr=False)
-    row: int | None = None
-    labels: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RoutingCounts:
-    """Per-request routing aggregate: layer -> routed (token, slot) pairs per expert."""
-
-    tokens: int
-    counts: dict[int, list[int]]
-
-    @classmethod
-    def from_selections(
-        cls, selections: Mapping[int, torch.Tensor], start: int, length: int, shapes: Sequence[LayerShape]
-    ) -> RoutingCounts:
-        """Count rows ``[start, start + length)`` of each layer's ``[tokens, top_k]`` selected-expert ids
-        (one request's slice of a batched step) into per-expert routed pairs."""
-        counts = {}
-        for shape in shapes:
-            rows = selections[shape.layer][start : start + length].reshape(-1)
-            counts[shape.layer] = torch.bincount(rows, minlength=shape.num_experts).tolist()
-        return cls(tokens=length, counts=counts)
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What a launch model needs to know about one MoE layer: its id, width and formula variables."""
-
-    layer: int
-    num_experts: int
-    top_k: int
-    dims: dict[str, int]
-
-
-def layer_shapes(adapter: MoEAdapter) -> list[LayerShape]:
-    return [LayerShape(x.layer, x.num_experts, x.top_k, x.dims()) for x in adapter.layers]
-
-
-def trace_from_routing(
-    model_id: str,
-    shapes: Sequence[LayerShape],
-    launch_model: LaunchModel,
-    routing: RoutingCounts,
-    *,
-    trace_id: str,
-    collector: str,
-    row: int | None = None,
-    labels: dict[str, Any] | None = None,
-    experts_implementation: str | None = None,
-    aggregate: bool = False,
-) -> RequestTrace:
-    """A trace from routing counts through a launch model: the one place every router-level
-    collector (emulated, in-process agent, vLLM plugin) turns counts into launches.
-    ``aggregate``: one summed launch per (layer, expert or region), as ``RequestTrace.aggregated``."""
-    launches = []
-    for shape in shapes:
-        launches.extend(
-            launch_model.layer_launches(
-                shape.layer, shape.dims, routing.counts[shape.layer], routing.tokens, aggregate=aggregate
-            )
-        )
-    return RequestTrace(
-        trace_id=trace_id,
-        model_id=model_id,
-        collector=collector,
-        launch_model=launch_model.name,
-        unit=launch_model.unit,
-        layers=[shape.layer for shape in shapes],
-        experts_per_layer=[shape.num_experts for shape in shapes],
-        top_k=[shape.top_k for shape in shapes],
-        prompt_tokens=routing.tokens,
-        launches=launches,
-        row=row,
-        labels=labels or {},
-        experts_implementation=experts_implementation,
-    )
+__all__ = ["CollectionError", "EmulatedCollector", "Request"]
 
 
 class EmulatedCollector:
-    """Prefill on CPU (or any torch device) with routers hooked; traces through launch models.
+    """Prefill on CPU (or any torch device) with routers hooked; one trace/2 per request.
 
     Requests are batched with right padding; padding positions are dropped before counting, and a
-    test proves batched and one-by-one collection give identical traces.
+    test proves batched and one-by-one collection give identical traces. ``attach``: also write the
+    per-kernel launches a launch model gives for the counts (to compare with CUPTI records on a GPU).
     """
 
     name = "emulated"
@@ -121,41 +42,36 @@ class EmulatedCollector:
     def __init__(
         self,
         loaded: LoadedMoE,
-        launch_models: Sequence[LaunchModel],
         *,
         batch_size: int = 8,
         max_tokens: int = 4096,
-        aggregate: bool = False,
+        attach: LaunchModel | None = None,
     ) -> None:
-        if not launch_models:
-            raise ValueError("at least one launch model is needed")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.loaded = loaded
-        self.launch_models = list(launch_models)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
-        self.aggregate = aggregate
+        self.attach = attach
         self._shapes = layer_shapes(loaded.adapter)
         self._device = next(loaded.model.parameters()).device
 
-    def route(self, requests: Sequence[Request]) -> list[RoutingCounts]:
-        """Prefill ``requests`` as one batch and return each one's routing counts."""
-        encoded = []
-        for request in requests:
-            ids = self.loaded.encoder.encode(request.text)
-            if not ids:
-                raise CollectionError(f"request {request.trace_id}: the prompt encodes to no tokens")
-            if len(ids) > self.max_tokens:
-                raise CollectionError(
-                    f"request {request.trace_id}: {len(ids)} tokens exceed max_tokens={self.max_tokens} "
-                    "(raise --max-tokens or shorten the request)"
-                )
-            encoded.append(ids)
-        input_ids, attention = pad_batch(encoded, self.loaded.encoder.pad_id)
+    def encode(self, request: Request) -> list[int]:
+        ids = self.loaded.encoder.encode(request.text)
+        if not ids:
+            raise CollectionError(f"request {request.trace_id}: the prompt encodes to no tokens")
+        if len(ids) > self.max_tokens:
+            raise CollectionError(
+                f"request {request.trace_id}: {len(ids)} tokens exceed max_tokens={self.max_tokens} "
+                "(raise --max-tokens or shorten the request)"
+            )
+        return ids
+
+    def route_tokens(self, encoded: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Prefill token-id sequences as one batch; each one's routed counts, flat in layer order."""
+        input_ids, attention = pad_batch([list(ids) for ids in encoded], self.loaded.encoder.pad_id)
         width = input_ids.shape[1]
-        adapter = self.loaded.adapter
-        with torch.inference_mode(), adapter.record() as recorder:
+        with torch.inference_mode(), self.loaded.adapter.record() as recorder:
             self.loaded.model(
                 input_ids=input_ids.to(self._device),
                 attention_mask=attention.to(self._device),
@@ -163,42 +79,50 @@ class EmulatedCollector:
                 logits_to_keep=1,
             )
             selections = recorder.selections()
-        return self.count(selections, [len(ids) for ids in encoded], width)
+        return [routed_counts(selections, i * width, len(ids), self._shapes) for i, ids in enumerate(encoded)]
 
-    def count(
-        self, selections: dict[int, torch.Tensor], lengths: list[int], width: int
-    ) -> list[RoutingCounts]:
-        """Per-request (layer, expert) counts from a batch's selections; padding rows are skipped."""
-        return [
-            RoutingCounts.from_selections(selections, i * width, length, self._shapes)
-            for i, length in enumerate(lengths)
-        ]
+    def count_matrix(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
+        """``[sequences, sum of experts per layer]`` routed counts of token-id sequences, batched by
+        ``batch_size`` (research code: routing statistics without building traces)."""
+        rows: list[np.ndarray] = []
+        for lo in range(0, len(encoded), self.batch_size):
+            rows.extend(self.route_tokens(encoded[lo : lo + self.batch_size]))
+        return np.stack(rows) if rows else np.zeros((0, sum(s.num_experts for s in self._shapes)), np.int64)
 
-    def collect_batch(self, requests: Sequence[Request]) -> list[dict[str, RequestTrace]]:
-        """Traces of one batch: for each request, launch-model name -> trace."""
-        results = []
-        for request, routing in zip(requests, self.route(requests), strict=True):
-            results.append(
-                {
-                    lm.name: trace_from_routing(
-                        self.loaded.model_id,
-                        self._shapes,
-                        lm,
-                        routing,
-                        trace_id=request.trace_id,
-                        collector=self.name,
-                        row=request.row,
-                        labels=request.labels,
-                        experts_implementation=self.loaded.adapter.experts_implementation,
-                        aggregate=self.aggregate,
-                    )
-                    for lm in self.launch_models
-                }
+    def collect_batch(self, requests: Sequence[Request]) -> list[RequestTrace]:
+        """Traces of one batch of requests, in order."""
+        encoded = [self.encode(r) for r in requests]
+        impl = self.loaded.adapter.experts_implementation
+        out = []
+        for request, ids, counts in zip(requests, encoded, self.route_tokens(encoded), strict=True):
+            out.append(
+                routing_trace(
+                    self.loaded.model_id,
+                    self._shapes,
+                    counts,
+                    len(ids),
+                    trace_id=request.trace_id,
+                    collector=self.name,
+                    launches=self._launches(counts, len(ids)) if self.attach is not None else None,
+                    row=request.row,
+                    labels=request.labels,
+                    experts_implementation=impl,
+                )
             )
-        return results
+        return out
 
-    def collect(self, requests: Iterable[Request]) -> Iterator[tuple[Request, dict[str, RequestTrace]]]:
-        """Stream ``(request, traces)`` in input order, ``batch_size`` prompts per forward pass."""
+    def _launches(self, counts: np.ndarray, tokens: int) -> list:
+        assert self.attach is not None
+        launches, pos = [], 0
+        for shape in self._shapes:
+            row = counts[pos : pos + shape.num_experts].tolist()
+            env = shape.dims.env(shape.num_experts, shape.top_k)
+            launches.extend(self.attach.layer_launches(shape.layer, env, row, tokens))
+            pos += shape.num_experts
+        return launches
+
+    def collect(self, requests: Iterable[Request]) -> Iterator[tuple[Request, RequestTrace]]:
+        """Stream ``(request, trace)`` in input order, ``batch_size`` prompts per forward pass."""
         batch: list[Request] = []
         for request in requests:
             batch.append(request)

@@ -1,7 +1,9 @@
-"""Read and write traces as JSONL (streamable, appendable) or Parquet (columnar, compact).
+"""Read and write traces as JSONL (streamable, appendable) or Parquet (columnar, compact), and the
+resumable sink collections write through.
 
 Every row read back is re-validated against the schema, so a file edited by hand or by another
 tool cannot smuggle a text field into the pipeline. Errors carry the file and the row number.
+``routescan.trace/1`` files (launch lists) are read too, converted to trace/2 as they are read.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from routescan.files import atomic_path
-from routescan.telemetry.schema import RequestTrace
+from routescan.telemetry.collector import Collector, Request
+from routescan.telemetry.schema import CountMatrix, LayerDims, RequestTrace, TraceV1
 
 _DIM3 = pa.list_(pa.int64(), 3)
 _LAUNCH = pa.struct(
@@ -39,12 +44,17 @@ PARQUET_SCHEMA = pa.schema(
         ("trace_id", pa.string()),
         ("model_id", pa.string()),
         ("collector", pa.string()),
-        ("launch_model", pa.string()),
+        ("source", pa.string()),
         ("unit", pa.string()),
         ("layers", pa.list_(pa.int64())),
         ("experts_per_layer", pa.list_(pa.int64())),
         ("top_k", pa.list_(pa.int64())),
+        # one object or one per layer: JSON keeps either exact in one small column
+        ("dims", pa.string()),
         ("prompt_tokens", pa.int64()),
+        # the count matrix flat in layer order (row widths are experts_per_layer)
+        ("counts", pa.list_(pa.int64())),
+        ("region_threads", pa.list_(pa.int64())),
         ("launches", pa.list_(_LAUNCH)),
         ("row", pa.int64()),
         # Labels mix types (str / int / float / bool); JSON keeps them exact in one column.
@@ -52,21 +62,12 @@ PARQUET_SCHEMA = pa.schema(
         ("experts_implementation", pa.string()),
     ]
 )
-
-
-# Columns a trace cannot do without (the rest are optional in the schema).
+# trace/1 Parquet files (launch lists) are still read, through TraceV1.to_v2
+_V1_COLUMNS = frozenset({"launch_model", "launches"})
 _REQUIRED_COLUMNS = frozenset(
-    {
-        "trace_id",
-        "model_id",
-        "collector",
-        "launch_model",
-        "layers",
-        "experts_per_layer",
-        "prompt_tokens",
-        "launches",
-    }
+    {"trace_id", "model_id", "collector", "layers", "experts_per_layer", "prompt_tokens", "counts"}
 )
+_V1_MARK = b'"routescan.trace/1"'
 
 
 class TraceFileError(ValueError):
@@ -88,19 +89,44 @@ def trace_format(path: str | os.PathLike[str]) -> str:
     raise ValueError(f"{path}: unknown trace file type '{suffix}'; use .jsonl or .parquet")
 
 
+def trace_json(trace: RequestTrace) -> str:
+    """One trace as a JSONL line's text (no newline): the form files and the spool hold."""
+    return trace.model_dump_json(exclude_none=True)
+
+
+def parse_trace_json(data: str | bytes) -> RequestTrace:
+    """A trace from JSON text, trace/2 or trace/1 (converted); raises pydantic's ValidationError."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _V1_MARK in raw:
+        return TraceV1.model_validate_json(raw).to_v2()
+    return RequestTrace.model_validate_json(raw)
+
+
 def _to_row(trace: RequestTrace) -> dict:
-    row = trace.model_dump(mode="json")
-    row["labels"] = json.dumps(row["labels"], sort_keys=True)
+    row = trace.model_dump(mode="json", exclude={"counts", "dims", "labels"})
+    row["counts"] = trace.counts.flat.tolist()
+    row["dims"] = (
+        None
+        if trace.dims is None
+        else json.dumps(
+            trace.dims.model_dump()
+            if isinstance(trace.dims, LayerDims)
+            else [d.model_dump() for d in trace.dims]
+        )
+    )
+    row["labels"] = json.dumps(trace.labels, sort_keys=True)
     return row
 
 
-def _from_row(row: dict) -> dict:
-    row = dict(row)
+def _from_row(row: dict, counts: np.ndarray | None) -> dict:
+    row = {k: v for k, v in row.items() if v is not None}
     row["labels"] = json.loads(row["labels"]) if row.get("labels") else {}
-    row["launches"] = [{k: v for k, v in launch.items() if v is not None} for launch in row["launches"]]
-    for key in ("top_k", "row", "experts_implementation"):
-        if row.get(key) is None:
-            row.pop(key, None)
+    if "dims" in row:
+        row["dims"] = json.loads(row["dims"])
+    if counts is not None:
+        row["counts"] = CountMatrix(counts)
+    if "launches" in row:
+        row["launches"] = [{k: v for k, v in launch.items() if v is not None} for launch in row["launches"]]
     return row
 
 
@@ -112,7 +138,7 @@ def write_traces(path: str | os.PathLike[str], traces: Iterable[RequestTrace]) -
         if fmt == "jsonl":
             with tmp.open("w", encoding="utf-8") as fh:
                 for trace in traces:
-                    fh.write(trace.model_dump_json(exclude_none=True) + "\n")
+                    fh.write(trace_json(trace) + "\n")
                     count += 1
         else:
             rows = [_to_row(t) for t in traces]
@@ -121,9 +147,9 @@ def write_traces(path: str | os.PathLike[str], traces: Iterable[RequestTrace]) -
     return count
 
 
-def append_jsonl(fh, trace: RequestTrace) -> None:
+def append_jsonl(fh: IO[str], trace: RequestTrace) -> None:
     """Append one trace to an open JSONL file and flush, so a crash loses at most this line."""
-    fh.write(trace.model_dump_json(exclude_none=True) + "\n")
+    fh.write(trace_json(trace) + "\n")
     fh.flush()
 
 
@@ -132,46 +158,79 @@ def iter_trace_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, Request
     path = Path(path)
     if not path.exists():
         raise TraceFileError(path, None, "no such file")
-    fmt = trace_format(path)
-    if fmt == "jsonl":
-        # bytes, decoded per line: one Latin-1 or binary row is that row's error, not the file's
-        with path.open("rb") as fh:
-            for number, raw in enumerate(fh, start=1):
-                if number == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    yield number, TraceFileError(path, number, f"not UTF-8 text (byte {exc.start + 1})")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield number, RequestTrace.model_validate_json(line)
-                except ValidationError as exc:
-                    yield number, TraceFileError(path, number, _short(exc))
+    if trace_format(path) == "jsonl":
+        yield from _jsonl_rows(path)
     else:
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise TraceFileError(path, None, f"not a readable Parquet file ({exc})") from exc
-        extra = set(table.column_names) - set(PARQUET_SCHEMA.names)
-        missing = sorted(_REQUIRED_COLUMNS - set(table.column_names))
-        if missing:
-            raise TraceFileError(
-                path,
-                None,
-                f"not a RouteScan trace file: columns {missing} are missing (write it with "
-                "`routescan collect` or routescan.telemetry.io.write_traces)",
-            )
-        for number, row in enumerate(table.to_pylist(), start=1):
-            if extra:
-                yield number, TraceFileError(path, number, f"unknown columns {sorted(extra)} are not allowed")
+        yield from _parquet_rows(path)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, RequestTrace | TraceFileError]]:
+    # bytes, decoded per line: one Latin-1 or binary row is that row's error, not the file's
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, TraceFileError(path, number, f"not UTF-8 text (byte {exc.start + 1})")
+                continue
+            if not raw.strip():
                 continue
             try:
-                yield number, RequestTrace.model_validate(_from_row(row))
-            except (ValidationError, ValueError, TypeError) as exc:
+                yield number, parse_trace_json(raw)
+            except ValidationError as exc:
                 yield number, TraceFileError(path, number, _short(exc))
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, RequestTrace | TraceFileError]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TraceFileError(path, None, f"not a readable Parquet file ({exc})") from exc
+    names = set(table.column_names)
+    if "counts" not in names and names >= _V1_COLUMNS:
+        yield from _parquet_v1_rows(path, table)
+        return
+    extra = names - set(PARQUET_SCHEMA.names)
+    missing = sorted(_REQUIRED_COLUMNS - names)
+    if missing:
+        raise TraceFileError(
+            path,
+            None,
+            f"not a RouteScan trace file: columns {missing} are missing (write it with "
+            "`routescan collect` or routescan.telemetry.io.write_traces)",
+        )
+    if extra:
+        for number in range(1, table.num_rows + 1):
+            yield number, TraceFileError(path, number, f"unknown columns {sorted(extra)} are not allowed")
+        return
+    counts = table.column("counts").combine_chunks()
+    try:
+        offsets = counts.offsets.to_numpy()
+        values = counts.values.to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, AttributeError):
+        offsets = values = None  # nulls inside: each row's own error below
+    rest = table.drop_columns(["counts"])
+    for number, row in enumerate(rest.to_pylist(), start=1):
+        try:
+            flat = None if offsets is None else values[offsets[number - 1] : offsets[number]]
+            if flat is None or counts[number - 1].as_py() is None:
+                raise ValueError("counts are missing")
+            yield number, RequestTrace.model_validate(_from_row(row, flat))
+        except (ValidationError, ValueError, TypeError) as exc:
+            yield number, TraceFileError(path, number, _short(exc))
+
+
+def _parquet_v1_rows(path: Path, table: pa.Table) -> Iterator[tuple[int, RequestTrace | TraceFileError]]:
+    for number, row in enumerate(table.to_pylist(), start=1):
+        row = {k: v for k, v in row.items() if v is not None}
+        row["labels"] = json.loads(row["labels"]) if row.get("labels") else {}
+        row["launches"] = [{k: v for k, v in x.items() if v is not None} for x in row.get("launches", [])]
+        try:
+            yield number, TraceV1.model_validate(row).to_v2()
+        except (ValidationError, ValueError, TypeError) as exc:
+            yield number, TraceFileError(path, number, _short(exc))
 
 
 def read_traces(path: str | os.PathLike[str]) -> Iterator[RequestTrace]:
@@ -180,6 +239,83 @@ def read_traces(path: str | os.PathLike[str]) -> Iterator[RequestTrace]:
         if isinstance(item, TraceFileError):
             raise item
         yield item
+
+
+class TraceSink:
+    """Where a collection writes: resumable, crash-safe, JSONL or Parquet.
+
+    Traces stream to JSONL as they come (the file itself, or ``<out>.partial.jsonl`` beside a
+    Parquet target), one flushed line each, so a crash loses at most the line being written and a
+    torn last line is cut off on the next start. ``done`` holds the ids already collected, so a rerun
+    skips them; ``resume=False`` starts over. :meth:`finish` turns a staged Parquet target into its
+    final file (atomically) and removes the staging file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, resume: bool = True, notice=None) -> None:
+        self.path = Path(path)
+        self.stage = (
+            self.path
+            if trace_format(self.path) == "jsonl"
+            else self.path.with_name(self.path.name + ".partial.jsonl")
+        )
+        self._notice = notice or (lambda message: None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for p in {self.stage, self.path}:
+                p.unlink(missing_ok=True)
+        elif self.stage != self.path and self.path.exists() and not self.stage.exists():
+            # resuming onto a finished Parquet file: its traces go back to staging to be appended to
+            write_traces(self.stage, read_traces(self.path))
+        self.done = self._recover()
+        self._fh: IO[str] | None = None
+
+    def _recover(self) -> set[str]:
+        if not self.stage.exists():
+            return set()
+        data = self.stage.read_bytes()
+        keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+        if keep != len(data):
+            with self.stage.open("r+b") as fh:
+                fh.truncate(keep)
+            self._notice(f"dropped an incomplete last line of {self.stage} (interrupted write)")
+        return {t.trace_id for t in read_traces(self.stage)}
+
+    def write(self, trace: RequestTrace) -> None:
+        if self._fh is None:
+            self._fh = self.stage.open("a", encoding="utf-8")
+        append_jsonl(self._fh, trace)
+        self.done.add(trace.trace_id)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def finish(self) -> Path:
+        """Close, and write the final file when it is not the staging file itself."""
+        self.close()
+        if self.stage != self.path:
+            write_traces(self.path, read_traces(self.stage))
+            os.remove(self.stage)
+        return self.path
+
+    def collect(self, collector: Collector, requests: Iterable[Request], progress=None) -> int:
+        """Run ``collector`` over the requests not yet ``done``, writing each trace as it comes;
+        ``progress()`` is called once per trace. Returns how many were written."""
+        written = 0
+        todo = (r for r in requests if r.trace_id not in self.done)
+        for _request, trace in collector.collect(todo):
+            self.write(trace)
+            written += 1
+            if progress is not None:
+                progress()
+        return written
+
+    def __enter__(self) -> TraceSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _short(exc: Exception) -> str:

@@ -23,9 +23,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from routescan.telemetry.schema import KernelLaunch, Phase, Region, Unit
+from routescan.telemetry.schema import KernelLaunch, LayerDims, Region, RequestTrace, Unit
+
+# counts up to this are looked up in a dense per-shape table (one formula evaluation per M, once)
+DENSE_TABLE = 8192
 
 
 class LaunchModelError(ValueError):
@@ -158,6 +162,15 @@ class KernelSpec:
             raise LaunchModelError(f"kernel '{self.name}': negative launch size {grid} x {block}")
         return grid, block  # type: ignore[return-value]
 
+    def names(self) -> set[str]:
+        """Every variable its formulas read (before its own let / choose / derive assignments)."""
+        formulas = [*self.grid, *self.block, *(f for _, f in self.let), *(f for _, f in self.derive)]
+        for row in self.choose:
+            formulas.extend(f for _, f in row.assign)
+            if row.when is not None:
+                formulas.append(row.when)
+        return set().union(*(f.names for f in formulas))
+
     @staticmethod
     def _vars(env: Mapping[str, int]) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(env.items()) if k in ("M", "T", "E", "K", "H", "I"))
@@ -188,7 +201,7 @@ class LaunchModel:
     params: Mapping[str, int]
     description: str = ""
     source: str = ""
-    # Geometry is a pure function of (kernel, M, T, dims): cached across layers and requests.
+    # Thread totals are a pure function of (M or T, layer widths): cached across layers and requests.
     _memo: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -232,6 +245,13 @@ class LaunchModel:
             )
         if not kernels:
             raise LaunchModelError(f"{source}: no kernels")
+        for spec in kernels:
+            if spec.scope == Scope.expert and "T" in spec.names():
+                # what lets a whole count matrix be computed per distinct count (expert_threads)
+                raise LaunchModelError(
+                    f"{source}: kernel '{spec.name}' is per expert, so its size may depend on that "
+                    "expert's M and the layer's widths, not on the prompt length T"
+                )
         params = {str(k): int(v) for k, v in (data.get("params") or {}).items()}
         return cls(
             name=name,
@@ -262,58 +282,111 @@ class LaunchModel:
         )
 
     @property
+    def has_regions(self) -> bool:
+        """Whether it launches any per-layer or shared-expert kernel (work outside single experts)."""
+        return any(k.scope != Scope.expert for k in self.kernels)
+
+    @property
     def per_expert(self) -> bool:
         """Whether any launch size follows per-expert counts (False: only totals are visible)."""
         return any(k.scope == Scope.expert for k in self.kernels)
 
-    def layer_launches(
-        self,
-        layer: int,
-        dims: Mapping[str, int],
-        counts: Sequence[int],
-        tokens: int,
-        *,
-        aggregate: bool = False,
-    ) -> list[KernelLaunch]:
-        """Launches of one MoE layer. ``counts[e]`` = (token, slot) pairs routed to expert e.
+    def _env(self, dims: Mapping[str, int], tokens: int | None = None) -> dict[str, int]:
+        env = {**self.params, **dims}
+        if tokens is not None:
+            env["T"] = int(tokens)
+        return env
 
-        ``aggregate`` gives what :meth:`RequestTrace.aggregated` would: one ``sum`` launch per
-        (expert or region), built without the per-kernel objects. Fingerprints are unchanged and a
-        big model's trace shrinks ~7x, which is what keeps the in-process agent cheap."""
+    def _memo_for(self, key: tuple) -> dict:
+        # bounded: a model has few distinct layer shapes (the widths come from the trace, so a
+        # client sending many made-up shapes only ever costs this much memory)
+        if len(self._memo) > 256:
+            self._memo.clear()
+        return self._memo.setdefault(key, {})
+
+    def expert_threads(self, dims: Mapping[str, int], counts: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Threads each expert's kernels launch, summed over the kernels, for routed counts of one
+        layer shape (``counts``: any integer array; 0 launches nothing, as the eager loop skips
+        experts that were not hit). Expert-scope sizes depend on M and the layer's widths only, so a
+        table over M is computed once per shape and indexed by the whole array; counts past
+        :data:`DENSE_TABLE` are computed per distinct value."""
+        counts = np.asarray(counts, dtype=np.int64)
+        memo = self._memo_for(("expert", tuple(sorted(dims.items()))))
+        top = int(counts.max()) if counts.size else 0
+        table = memo.get("table")
+        if table is None or (len(table) <= top and len(table) <= DENSE_TABLE):
+            size = min(max(top + 1, 2 * (0 if table is None else len(table)), 64), DENSE_TABLE + 1)
+            start = 0 if table is None else len(table)
+            extra = np.array([self._expert_total(dims, m) for m in range(start, size)], dtype=np.float64)
+            table = memo["table"] = extra if start == 0 else np.concatenate([table, extra])
+        if top < len(table):
+            return table[counts]
+        out = np.empty(counts.shape, dtype=np.float64)
+        small = counts < len(table)
+        out[small] = table[counts[small]]
+        big = counts[~small]
+        values, inverse = np.unique(big, return_inverse=True)
+        sparse = memo.setdefault("sparse", {})
+        totals = [sparse.get(m) or sparse.setdefault(m, self._expert_total(dims, m)) for m in values.tolist()]
+        out[~small] = np.asarray(totals, dtype=np.float64)[inverse]
+        return out
+
+    def _expert_total(self, dims: Mapping[str, int], m: int) -> int:
+        if m <= 0:
+            return 0
+        env = {**self._env(dims), "M": m}
+        total = 0
+        for spec in self.kernels:
+            if spec.scope == Scope.expert:
+                total += _threads(self._geometry(spec, env))
+        return total
+
+    def region_threads(self, dims: Mapping[str, int], tokens: int) -> int:
+        """Threads of the layer's work that is not one expert's: ``layer`` kernels (router, fused
+        MoE) over T*K routed pairs and ``shared`` kernels over T tokens."""
+        table = self._memo_for(("region", tuple(sorted(dims.items()))))
+        if len(table) > 65_536:
+            table.clear()
+        total = table.get(tokens)
+        if total is None:
+            env = self._env(dims, tokens)
+            total = 0
+            for spec in self.kernels:
+                if spec.scope == Scope.layer:
+                    total += _threads(self._geometry(spec, {**env, "M": int(tokens) * dims["K"]}))
+                elif spec.scope == Scope.shared and dims.get("SI", 0) > 0:
+                    total += _threads(self._geometry(spec, {**env, "M": int(tokens)}))
+            table[tokens] = total
+        return total
+
+    def layer_launches(
+        self, layer: int, dims: Mapping[str, int], counts: Sequence[int], tokens: int
+    ) -> list[KernelLaunch]:
+        """Every kernel launch of one MoE layer, ``counts[e]`` (token, slot) pairs routed to expert e:
+        the per-kernel attachment a trace may carry to be checked against CUPTI records. Featurising
+        never needs it (:meth:`expert_threads` gives the same sums without building launches)."""
         if len(counts) != dims["E"]:
             raise LaunchModelError(f"{self.name}: {len(counts)} counts for {dims['E']} experts")
-        base = {**self.params, **dims, "T": int(tokens)}
-        shape = (int(tokens), *sorted(dims.items()))
-        memo = self._memo
-        if len(memo) > 200_000:  # bounded; distinct (kernel, M, shape) keys are few in practice
-            memo.clear()
+        env = self._env(dims, tokens)
         out: list[KernelLaunch] = []
-        sums: dict[tuple[int | None, Region], int] = {}
-
-        def emit(kernel: str, expert: int | None, region: Region, geo) -> None:
-            if not aggregate:
-                _emit(out, kernel, layer, expert, region, geo)
-                return
-            (gx, gy, gz), (bx, by, bz) = geo
-            sums[expert, region] = sums.get((expert, region), 0) + gx * gy * gz * bx * by * bz
-
-        for index, spec in enumerate(self.kernels):
+        for spec in self.kernels:
             if spec.scope == Scope.expert:
                 for expert, m in enumerate(counts):
-                    if m <= 0:
-                        continue  # the eager loop only visits experts that were hit
-                    key = (index, int(m), shape)
-                    geo = memo.get(key)
-                    if geo is None:
-                        geo = memo[key] = self._geometry(spec, {**base, "M": int(m)})
-                    emit(spec.name, expert, Region.expert, geo)
+                    if m > 0:  # the eager loop only visits experts that were hit
+                        geo = self._geometry(spec, {**env, "M": int(m)})
+                        _emit(out, spec.name, layer, expert, Region.expert, geo)
             elif spec.scope == Scope.layer:
-                routed = int(tokens) * dims["K"]
-                emit(spec.name, None, Region.layer, self._geometry(spec, {**base, "M": routed}))
+                geo = self._geometry(spec, {**env, "M": int(tokens) * dims["K"]})
+                _emit(out, spec.name, layer, None, Region.layer, geo)
             elif dims.get("SI", 0) > 0:
-                emit(spec.name, None, Region.shared, self._geometry(spec, {**base, "M": int(tokens)}))
-        for (expert, region), threads in sums.items():
-            _emit(out, "sum", layer, expert, region, ((threads, 1, 1), (1, 1, 1)))
+                _emit(
+                    out,
+                    spec.name,
+                    layer,
+                    None,
+                    Region.shared,
+                    self._geometry(spec, {**env, "M": int(tokens)}),
+                )
         return out
 
     def _geometry(self, spec: KernelSpec, env: dict[str, int]):
@@ -323,7 +396,9 @@ class LaunchModel:
             raise LaunchModelError(f"{self.source}: kernel '{spec.name}': {exc}") from exc
 
 
-_LAUNCH_FIELDS = frozenset(KernelLaunch.model_fields)
+def _threads(geometry: tuple[tuple[int, int, int], tuple[int, int, int]]) -> int:
+    (gx, gy, gz), (bx, by, bz) = geometry
+    return gx * gy * gz * bx * by * bz
 
 
 def _emit(
@@ -334,34 +409,114 @@ def _emit(
     region: Region,
     geometry: tuple[tuple[int, int, int], tuple[int, int, int]],
 ) -> None:
-    grid, block = geometry
-    threads = grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2]
+    threads = _threads(geometry)
     if threads == 0:
         return  # an empty launch is not made (PyTorch / Triton skip zero-size work)
-    # Trusted construction, as pydantic's model_construct does it but ~3x cheaper: this runs once
-    # per (layer, expert, kernel) of every request. The values are integers the validated formulas
-    # produced and scope fixes the region / expert pairing; whole traces are validated again when
-    # written or read back, and a test checks these objects equal validated ones.
-    launch = KernelLaunch.__new__(KernelLaunch)
-    object.__setattr__(
-        launch,
-        "__dict__",
-        {
-            "kernel": kernel,
-            "layer": layer,
-            "expert": expert,
-            "region": region,
-            "grid": grid,
-            "block": block,
-            "threads": threads,
-            "phase": Phase.prefill,
-            "start_ns": None,
-            "end_ns": None,
-        },
+    grid, block = geometry
+    out.append(
+        KernelLaunch(
+            kernel=kernel, layer=layer, expert=expert, region=region, grid=grid, block=block, threads=threads
+        )
     )
-    object.__setattr__(
-        launch, "__pydantic_fields_set__", set(_LAUNCH_FIELDS)
-    )  # per instance: model_copy updates it
-    object.__setattr__(launch, "__pydantic_extra__", None)
-    object.__setattr__(launch, "__pydantic_private__", None)
-    out.append(launch)
+
+
+def layer_env(trace: RequestTrace, i: int) -> dict[str, int]:
+    """The formula variables of a trace's i-th MoE layer (E, K and its widths H, I, SI, G)."""
+    dims = trace.layer_dims(i)
+    if dims is None:
+        raise LaunchModelError(
+            f"trace {trace.trace_id} carries no layer widths (dims), which a launch model needs to turn "
+            "its token counts into kernel launches; collect it again with a current RouteScan"
+        )
+    return dims.env(trace.experts_per_layer[i], None if trace.top_k is None else trace.top_k[i])
+
+
+@dataclass
+class SignalThreads:
+    """A batch of traces under one signal: per (trace, layer, expert) threads and per-layer totals."""
+
+    expert: np.ndarray  # (traces, sum of experts per layer), float64, layer after layer
+    region: np.ndarray  # (traces, layers): threads of the MoE work that is not one expert's
+
+
+def signal_threads(traces: Sequence[RequestTrace], launch_model: LaunchModel | None) -> SignalThreads:
+    """What a signal shows of traces of one model (same layers and experts, which the caller checks).
+
+    With a launch model, token counts become the threads its kernels launch, computed per distinct
+    count across the whole batch; with ``None`` the counts are read as measured (a kernel collector's
+    threads, or router counts under the ``router`` signal)."""
+    if not traces:
+        return SignalThreads(np.zeros((0, 0)), np.zeros((0, 0)))
+    flat = np.stack([t.counts.flat for t in traces])
+    first = traces[0]
+    n_layers = len(first.layers)
+    if launch_model is None:
+        region = np.zeros((len(traces), n_layers))
+        for row, t in enumerate(traces):
+            if t.region_threads is not None:
+                region[row] = t.region_threads
+        return SignalThreads(flat.astype(np.float64), region)
+    tokens = [t.prompt_tokens for t in traces]
+    expert = np.empty(flat.shape, dtype=np.float64)
+    region = np.zeros((len(traces), n_layers), dtype=np.float64)
+    # traces of one model share their widths; a batch whose widths differ is split by them
+    groups: dict[Any, list[int]] = {}
+    for row, t in enumerate(traces):
+        groups.setdefault(_freeze(t.dims), []).append(row)
+    for rows in groups.values():
+        sample = traces[rows[0]]
+        idx = np.asarray(rows)
+        shapes = _shape_groups(sample)
+        if len(shapes) == 1 and len(rows) == len(traces):  # one shape, one batch: no gather / scatter
+            env, layers, _ = shapes[0]
+            expert = launch_model.expert_threads(env, flat)
+            if launch_model.has_regions:
+                per_length = {n: launch_model.region_threads(env, n) for n in set(tokens)}
+                region[:] = np.array([per_length[n] for n in tokens])[:, None]
+            continue
+        for env, layers, cols in shapes:
+            block = flat[idx[:, None], cols[None, :]] if len(rows) < len(traces) else flat[:, cols]
+            threads = launch_model.expert_threads(env, block)
+            if len(rows) < len(traces):
+                expert[idx[:, None], cols[None, :]] = threads
+            else:
+                expert[:, cols] = threads
+            if launch_model.has_regions:
+                per_length = {n: launch_model.region_threads(env, n) for n in {tokens[r] for r in rows}}
+                region[np.ix_(idx, layers)] = np.array([per_length[tokens[r]] for r in rows])[:, None]
+    return SignalThreads(expert, region)
+
+
+def _shape_groups(trace: RequestTrace) -> list[tuple[dict[str, int], list[int], np.ndarray]]:
+    """The trace's layers grouped by shape: (formula variables, layer positions, count columns).
+    Layers of one shape (most MoEs: all of them) are computed in one table look-up."""
+    key = (
+        _freeze(trace.dims),
+        tuple(trace.experts_per_layer),
+        None if trace.top_k is None else tuple(trace.top_k),
+    )
+    groups = _GROUPS.get(key)
+    if groups is None:
+        offsets = trace.offsets()
+        by_shape: dict[tuple, list[int]] = {}
+        for i in range(len(trace.layers)):
+            by_shape.setdefault(tuple(sorted(layer_env(trace, i).items())), []).append(i)
+        groups = [
+            (dict(env), layers, np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in layers]))
+            for env, layers in by_shape.items()
+        ]
+        if len(_GROUPS) > 256:
+            _GROUPS.clear()
+        _GROUPS[key] = groups
+    return groups
+
+
+_GROUPS: dict[tuple, list] = {}
+
+
+def _freeze(dims: LayerDims | list[LayerDims] | None) -> Any:
+    if dims is None:
+        return None
+    if isinstance(dims, LayerDims):
+        return (dims.H, dims.I, dims.SI, dims.G)
+    return tuple((d.H, d.I, d.SI, d.G) for d in dims)

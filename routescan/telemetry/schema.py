@@ -1,23 +1,48 @@
-"""Trace schema: what one request's prefill launched, per (layer, expert), and nothing else.
+"""The trace record, ``routescan.trace/2``: one request's prefill routing as a layers x experts count
+matrix, and nothing else.
 
-These models cross process boundaries (collector -> file -> featurizer -> service), so they are
-strict: unknown fields are rejected (``extra="forbid"``), every string field is constrained to a
-character set and length that identifiers need and free text does not, and the schema is
-versioned. A trace never carries prompt text, token ids or per-token expert order: only
-per-request aggregates, because per-token routing is known to leak most of the prompt.
+Every part of RouteScan exchanges this record (collectors -> files -> featurizer -> agent -> daemon).
+It is strict: unknown fields are rejected (``extra="forbid"``), every string field is constrained to
+a character set and length that identifiers need and free text does not, every integer is bounded by
+what hardware produces, and the schema is versioned. A trace never carries prompt text, token ids or
+per-token expert order: only per-request aggregates, because per-token routing is known to leak most
+of the prompt.
+
+``counts[i][e]`` is what layer ``layers[i]``'s expert ``e`` received: routed (token, slot) pairs
+(``unit="tokens"``, what routers and the emulator see) or threads (``unit="threads"``, what a kernel
+collector such as CUPTI measured). Kernel launches are derived from token counts by a launch model
+when featurising or scoring (:mod:`routescan.telemetry.launch`), so one trace serves every signal.
+Per-kernel launches may ride along as an optional attachment (``launches``), to validate CUPTI
+against the emulator. ``routescan.trace/1`` (launch lists) stays readable: :meth:`TraceV1.to_v2`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    Strict,
+    StringConstraints,
+    field_serializer,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
-SCHEMA_VERSION: Literal["routescan.trace/1"] = "routescan.trace/1"
+SCHEMA_VERSION: Literal["routescan.trace/2"] = "routescan.trace/2"
+SCHEMA_V1: Literal["routescan.trace/1"] = "routescan.trace/1"
 
 # Bounds from what hardware and serving engines can produce, so no value can overflow a float64
 # downstream (a 10**310 integer once crashed featurising) and a hostile trace stays cheap to check.
@@ -30,6 +55,7 @@ MAX_TOP_K = 1024
 MAX_LAUNCHES = 131_072  # a per-kernel trace of a 58-layer x 256-expert MoE is ~90k launches
 MAX_LABELS = 16
 MAX_NS = 2**63 - 1
+MAX_WIDTH = 2**20  # hidden / intermediate widths: above any published model's (DeepSeek-V3: 18,432)
 
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
 
@@ -218,10 +244,232 @@ class KernelLaunch(_Strict):
         return self
 
 
-class RequestTrace(_Strict):
-    """One request's prefill telemetry: per-request aggregates only, never text."""
+class CountMatrix:
+    """A trace's per-(layer, expert) counts: one flat, read-only int64 array in layer order.
 
-    schema_version: Literal["routescan.trace/1"] = SCHEMA_VERSION
+    It is validated from nested JSON lists (strict integers, as every other field) or taken from the
+    binary wire's little-endian array (:mod:`routescan.telemetry.wire`) without a Python int per
+    count; both paths hold the values to the same bounds. Row widths are the trace's
+    ``experts_per_layer``, checked by the trace.
+    """
+
+    __slots__ = ("flat", "row_lengths", "top")
+
+    def __init__(self, flat: np.ndarray, row_lengths: tuple[int, ...] | None = None) -> None:
+        flat = np.asarray(flat)
+        if flat.ndim != 1 or flat.dtype.kind not in "iu":
+            raise ValueError("counts must be integers")
+        flat = flat.astype(np.int64, copy=flat.dtype != np.int64)
+        self.top = int(flat.max()) if flat.size else 0  # the largest count, kept for the trace's checks
+        if flat.size and (self.top > MAX_COUNT or (flat.dtype.kind == "i" and int(flat.min()) < 0)):
+            raise ValueError(f"counts must be integers in [0, {MAX_COUNT}]")
+        flat.flags.writeable = False
+        self.flat = flat
+        self.row_lengths = row_lengths
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[int]]) -> CountMatrix:
+        """From per-layer rows of integers (what collectors build)."""
+        lengths = tuple(len(r) for r in rows)
+        try:
+            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=sum(lengths))
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError(f"counts must be integers in [0, {MAX_COUNT}]") from None
+        return cls(flat, lengths)
+
+    def rows(self, widths: Sequence[int]) -> list[np.ndarray]:
+        """Per-layer views of the counts (``widths``: experts per layer)."""
+        return np.split(self.flat, np.cumsum(widths)[:-1]) if len(widths) else []
+
+    def tolist(self, widths: Sequence[int]) -> list[list[int]]:
+        return [row.tolist() for row in self.rows(widths)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CountMatrix) and np.array_equal(self.flat, other.flat)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"CountMatrix({self.flat.size} counts, total {int(self.flat.sum())})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        rows = core_schema.list_schema(
+            core_schema.list_schema(core_schema.int_schema(strict=True), max_length=MAX_EXPERTS),
+            max_length=MAX_LAYERS,
+        )
+        from_rows = core_schema.no_info_after_validator_function(cls.of, rows)
+        return core_schema.json_or_python_schema(
+            json_schema=from_rows,
+            python_schema=core_schema.union_schema(
+                [core_schema.is_instance_schema(cls), from_rows], mode="left_to_right"
+            ),
+            # Python mode keeps the matrix itself (model_dump -> model_validate round-trips; the binary
+            # wire packs the array); JSON gets flat lists here and nested rows from the trace
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                lambda m: m.flat.tolist(), when_used="json"
+            ),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        row = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}}
+        return {"type": "array", "items": row, "description": "per layer, one count per expert"}
+
+
+Width = Annotated[int, Strict(), Field(ge=0, le=MAX_WIDTH)]
+
+
+class LayerDims(_Strict):
+    """One MoE layer's widths, under the names launch-model formulas use (configs/launch/)."""
+
+    H: Annotated[int, Strict(), Field(ge=1, le=MAX_WIDTH)]  # hidden size
+    I: Annotated[int, Strict(), Field(ge=1, le=MAX_WIDTH)]  # noqa: E741  # expert intermediate size
+    SI: Width = 0  # shared-expert intermediate size (0: no shared expert)
+    G: Annotated[int, Strict(), Field(ge=1, le=2)] = 2  # 2 when the experts are gated (gate + up)
+
+    def env(self, experts: int, top_k: int | None) -> dict[str, int]:
+        """The launch-model variables of a layer of these widths (E, K, H, I, SI, G)."""
+        env = {"E": experts, "H": self.H, "I": self.I, "SI": self.SI, "G": self.G}
+        if top_k is not None:
+            env["K"] = top_k
+        return env
+
+
+class RequestTrace(_Strict):
+    """``routescan.trace/2``: one request's prefill as a per-(layer, expert) count matrix, never text."""
+
+    schema_version: Literal["routescan.trace/2"] = SCHEMA_VERSION
+    trace_id: TraceId
+    model_id: ModelId
+    collector: Name
+    # what the counts measure: "router" for routed (token, slot) pairs, else the kernel signal a
+    # collector measured in threads ("cupti"; a trace/1 file keeps its launch model's name)
+    source: Name = "router"
+    unit: Unit = Unit.tokens
+    layers: Annotated[list[Index], Field(min_length=1, max_length=MAX_LAYERS)]
+    experts_per_layer: Annotated[
+        list[Annotated[int, Strict(), Field(ge=1, le=MAX_EXPERTS)]], Field(max_length=MAX_LAYERS)
+    ]
+    top_k: (
+        Annotated[list[Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K)]], Field(max_length=MAX_LAYERS)]
+        | None
+    ) = None
+    # per layer; needed to derive kernel launches from token counts (launch models)
+    # one LayerDims for every layer, or one per layer
+    dims: LayerDims | Annotated[list[LayerDims], Field(max_length=MAX_LAYERS)] | None = None
+    prompt_tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_PROMPT_TOKENS)]
+    counts: CountMatrix
+    # per layer, prefill threads of the MoE work that is not one expert's (router, fused or shared
+    # kernels), where a kernel collector measured them; launch models derive it from token counts
+    region_threads: Annotated[list[Count], Field(max_length=MAX_LAYERS)] | None = None
+    # optional per-kernel attachment (CUPTI validation); never needed to featurise or score
+    launches: Annotated[list[KernelLaunch], Field(max_length=MAX_LAUNCHES)] | None = None
+    row: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
+    labels: Labels = Field(default_factory=dict)
+    experts_implementation: Name | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RequestTrace:
+        n = len(self.layers)
+        if len(self.experts_per_layer) != n:
+            raise ValueError("layers and experts_per_layer must have one entry per layer")
+        if len(set(self.layers)) != n:
+            raise ValueError("layers must be unique")
+        for name in ("top_k", "dims", "region_threads"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(f"{name} must have one entry per layer")
+        counts = self.counts
+        if counts.row_lengths is not None and list(counts.row_lengths) != list(self.experts_per_layer):
+            raise ValueError("counts must have one row per layer, one entry per expert of that layer")
+        if counts.flat.size != sum(self.experts_per_layer):
+            raise ValueError(
+                f"counts hold {counts.flat.size} entries but the layers have "
+                f"{sum(self.experts_per_layer)} experts"
+            )
+        if self.unit == Unit.tokens:
+            # a token takes each expert at most once, and top_k experts in all
+            if counts.top > self.prompt_tokens:
+                raise ValueError("counts: an expert received more tokens than the prompt has")
+            if self.top_k is not None and n:
+                widths = self.experts_per_layer
+                if min(widths) == max(widths):  # most MoEs: one reshape instead of per-row offsets
+                    sums = counts.flat.reshape(n, widths[0]).sum(axis=1)
+                else:
+                    sums = np.add.reduceat(counts.flat, self.offsets()[:-1])
+                limit = self.top_k[0] * self.prompt_tokens if min(self.top_k) == max(self.top_k) else None
+                if limit is not None and int(sums.max()) > limit:
+                    raise ValueError("counts: a layer routed more than prompt_tokens x top_k")
+                if (
+                    limit is None
+                    and (sums > np.asarray(self.top_k, dtype=np.int64) * self.prompt_tokens).any()
+                ):
+                    raise ValueError("counts: a layer routed more than prompt_tokens x top_k")
+        if self.launches is not None:
+            _check_launches(self.launches, self.layers, self.experts_per_layer)
+        return self
+
+    @field_serializer("counts", when_used="json")
+    def _nested(self, counts: CountMatrix) -> list[list[int]]:
+        return counts.tolist(self.experts_per_layer)
+
+    def offsets(self) -> np.ndarray:
+        """Where each layer's row starts in ``counts.flat``, and its end."""
+        return np.concatenate(([0], np.cumsum(self.experts_per_layer)))
+
+    def layer_dims(self, i: int) -> LayerDims | None:
+        if self.dims is None or isinstance(self.dims, LayerDims):
+            return self.dims
+        return self.dims[i]
+
+    def is_empty(self) -> bool:
+        """No expert received anything: a trace with nothing to score."""
+        return not self.counts.flat.any()
+
+
+def _check_launches(launches: list[KernelLaunch], layers: list[int], experts: list[int]) -> None:
+    n_experts = dict(zip(layers, experts, strict=True))
+    for i, launch in enumerate(launches):
+        if launch.region in (Region.expert, Region.layer, Region.shared):
+            if launch.layer not in n_experts:
+                raise ValueError(f"launches[{i}] names layer {launch.layer}, not an MoE layer of this trace")
+            if launch.expert is not None and launch.expert >= n_experts[launch.layer]:
+                raise ValueError(
+                    f"launches[{i}] names expert {launch.expert} but layer {launch.layer} "
+                    f"has {n_experts[launch.layer]} experts"
+                )
+
+
+def sum_launches(
+    launches: Iterable[KernelLaunch], layers: Sequence[int], experts_per_layer: Sequence[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Prefill threads of kernel launches summed per (layer, expert), and per layer for the MoE work
+    that is not one expert's (``layer`` and ``shared`` regions): the one place launches become a
+    count matrix (CUPTI records, trace/1 files). ``other`` launches (attention...) are not counted."""
+    index = {layer: i for i, layer in enumerate(layers)}
+    counts = [[0] * n for n in experts_per_layer]
+    regions = [0] * len(layers)
+    for launch in launches:
+        if launch.phase != Phase.prefill or launch.region == Region.other or launch.layer not in index:
+            continue
+        i = index[launch.layer]
+        if launch.region == Region.expert:
+            counts[i][launch.expert] += launch.threads  # type: ignore[index]
+        else:
+            regions[i] += launch.threads
+    return counts, regions
+
+
+class TraceV1(_Strict):
+    """``routescan.trace/1``: a request as a list of kernel launches. Read-only legacy: files written
+    before trace/2 are read through :meth:`to_v2`."""
+
+    schema_version: Literal["routescan.trace/1"] = SCHEMA_V1
     trace_id: TraceId
     model_id: ModelId
     collector: Name
@@ -242,65 +490,34 @@ class RequestTrace(_Strict):
     experts_implementation: Name | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> RequestTrace:
+    def _consistent(self) -> TraceV1:
         if len(self.layers) != len(self.experts_per_layer):
             raise ValueError("layers and experts_per_layer must have the same length")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError("layers must be unique")
         if self.top_k is not None and len(self.top_k) != len(self.layers):
             raise ValueError("top_k must have one entry per layer")
-        n_experts = dict(zip(self.layers, self.experts_per_layer, strict=True))
-        for i, launch in enumerate(self.launches):
-            if launch.region in (Region.expert, Region.layer, Region.shared):
-                if launch.layer not in n_experts:
-                    raise ValueError(
-                        f"launches[{i}] names layer {launch.layer}, not an MoE layer of this trace"
-                    )
-                if launch.expert is not None and launch.expert >= n_experts[launch.layer]:
-                    raise ValueError(
-                        f"launches[{i}] names expert {launch.expert} but layer {launch.layer} "
-                        f"has {n_experts[launch.layer]} experts"
-                    )
+        _check_launches(self.launches, self.layers, self.experts_per_layer)
         return self
 
-    def expert_threads(self) -> dict[tuple[int, int], int]:
-        """Prefill threads summed per (layer, expert), the quantity fingerprints are built from."""
-        out: dict[tuple[int, int], int] = {}
-        for launch in self.launches:
-            if launch.region == Region.expert and launch.phase == Phase.prefill:
-                key = (launch.layer, launch.expert)  # type: ignore[assignment]
-                out[key] = out.get(key, 0) + launch.threads  # type: ignore[index]
-        return out
-
-    def aggregated(self) -> RequestTrace:
-        """The same trace with one summary launch per (layer, expert, region, phase).
-
-        Fingerprints read only these sums, so they are unchanged; a trace with thousands of per-kernel
-        launches (eager loops over many experts) shrinks to one record per expert. The summary keeps
-        the threads as ``grid = (threads, 1, 1)``, ``block = (1, 1, 1)`` and the kernel name ``sum``.
-        """
-        sums: dict[tuple, list[int | None]] = {}
-        for launch in self.launches:
-            key = (launch.layer, launch.expert, launch.region, launch.phase)
-            entry = sums.setdefault(key, [0, None, None])
-            entry[0] += launch.threads
-            if launch.start_ns is not None:
-                entry[1] = launch.start_ns if entry[1] is None else min(entry[1], launch.start_ns)
-            if launch.end_ns is not None:
-                entry[2] = launch.end_ns if entry[2] is None else max(entry[2], launch.end_ns)
-        launches = [
-            KernelLaunch(
-                kernel="sum",
-                layer=layer,
-                expert=expert,
-                region=region,
-                grid=(threads, 1, 1),
-                block=(1, 1, 1),
-                threads=threads,
-                phase=phase,
-                start_ns=start,
-                end_ns=end,
-            )
-            for (layer, expert, region, phase), (threads, start, end) in sums.items()
-        ]
-        return self.model_copy(update={"launches": launches})
+    def to_v2(self) -> RequestTrace:
+        """The same request as trace/2. The counts are the launches' prefill threads summed per
+        (layer, expert), in this trace's unit, under its launch model's name as the source, so a
+        fingerprint of the converted trace equals the fingerprint trace/1 gave."""
+        counts, regions = sum_launches(self.launches, self.layers, self.experts_per_layer)
+        return RequestTrace(
+            trace_id=self.trace_id,
+            model_id=self.model_id,
+            collector=self.collector,
+            source=self.launch_model,
+            unit=self.unit,
+            layers=list(self.layers),
+            experts_per_layer=list(self.experts_per_layer),
+            top_k=None if self.top_k is None else list(self.top_k),
+            prompt_tokens=self.prompt_tokens,
+            counts=CountMatrix.of(counts),
+            region_threads=regions if any(regions) else None,
+            row=self.row,
+            labels=dict(self.labels),
+            experts_implementation=self.experts_implementation,
+        )

@@ -164,7 +164,7 @@ def calibration_prompts(corpora: Path, spec: MoefySpec) -> list[str]:
     return random.Random(spec.seed).sample(texts, spec.calibration.prompts)
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for i in range(n):
@@ -188,7 +188,7 @@ def capture_ffn_inputs(
     kept once so it does not dominate what the routers learn.
     """
     layers = decoder_layers(model)
-    prefix = _common_prefix(sequences) if len(sequences) > 1 else 0
+    prefix = common_prefix(sequences) if len(sequences) > 1 else 0
     buffers: list[list[torch.Tensor]] = [[] for _ in layers]
     state: dict[str, torch.Tensor] = {}
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from pydantic import BaseModel
 
-from routescan.service.deps import Authorized, JsonBody, ServiceDep
+from routescan.service.deps import Authorized, BodyDep, ServiceDep
 from routescan.service.schemas import (
     AGENT_HEADER,
     COUNTERS_HEADER,
@@ -16,29 +16,32 @@ from routescan.service.schemas import (
     ScoreRequest,
     ScoreResult,
 )
+from routescan.telemetry.wire import MEDIA_TYPE
 
 router = APIRouter(prefix="/v1", tags=["scores"], dependencies=[Authorized])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong bearer token"},
     409: {"description": "input of another model / launch model / fingerprint spec"},
     413: {"description": "body over max_body_bytes, or more items than max_batch"},
-    415: {"description": "not application/json"},
+    415: {"description": "neither application/json nor application/msgpack"},
     422: {"description": "invalid, empty or out-of-range input (the field is named, never echoed)"},
     503: {"description": "the audit store could not record the score; it was not acknowledged"},
 }
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    # the body is read and validated by hand (JsonBody, then pydantic-core on the raw bytes), so
-    # the OpenAPI request body is declared here
+    # the body is read and validated by hand (BodyDep, then pydantic-core on the raw bytes), so
+    # the OpenAPI request body is declared here: the same schema in JSON or MessagePack (the count
+    # matrix as the binary wire's extension, routescan.telemetry.wire)
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    content = {"application/json": {"schema": ref}, MEDIA_TYPE: {"schema": ref}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 @router.post("/score", response_model=ScoreResult, responses=_ERRORS, openapi_extra=_json_body(ScoreRequest))
-async def score_one(body: JsonBody, service: ServiceDep) -> ScoreResult:
+async def score_one(body: BodyDep, service: ServiceDep) -> ScoreResult:
     """Score one trace or fingerprint; the result is in the audit log before it is returned."""
-    results, _ = await service.score(body, batch=False)
+    results, _ = await service.score(body.data, batch=False, binary=body.binary)
     return results[0]
 
 
@@ -46,14 +49,14 @@ async def score_one(body: JsonBody, service: ServiceDep) -> ScoreResult:
     "/score/batch", response_model=BatchResult, responses=_ERRORS, openapi_extra=_json_body(BatchRequest)
 )
 async def score_batch(
-    body: JsonBody,
+    body: BodyDep,
     service: ServiceDep,
     agent: Annotated[str | None, Header(alias=AGENT_HEADER, include_in_schema=False)] = None,
     agent_counters: Annotated[str | None, Header(alias=COUNTERS_HEADER, include_in_schema=False)] = None,
 ) -> BatchResult:
     """Score up to ``max_batch`` items in one call (one model pass, one audit transaction)."""
     service.metrics.agents.report(agent, agent_counters)
-    results, latency = await service.score(body, batch=True)
+    results, latency = await service.score(body.data, batch=True, binary=body.binary)
     return BatchResult(
         results=results, flagged=sum(r.label == "flagged" for r in results), latency_ms=latency
     )

@@ -1,0 +1,155 @@
+"""What every collector shares: the request it is given, the protocol it implements, the layer shapes
+it reads off a model, and the one function that turns routing into a ``routescan.trace/2`` record.
+
+Collectors (emulated forward pass, CUPTI on a GPU, the in-process agent, the vLLM plugin) all yield
+``(request, trace)`` pairs; files, resume and staging are the caller's
+(:class:`routescan.telemetry.io.TraceSink`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from routescan.telemetry.schema import CountMatrix, LayerDims, RequestTrace, Unit
+
+if TYPE_CHECKING:  # torch is imported by the collectors that run models, not by this module
+    import torch
+
+    from routescan.models.adapters import MoEAdapter
+
+
+class CollectionError(ValueError):
+    """A request could not be collected; the message names it by id, never by text."""
+
+
+@dataclass
+class Request:
+    """One request to collect. ``text`` is used for encoding and then dropped."""
+
+    trace_id: str
+    text: str = field(repr=False)
+    row: int | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Collector(Protocol):
+    """Anything that turns requests into traces, one per request, in input order."""
+
+    name: str
+
+    def collect(self, requests: Iterable[Request]) -> Iterator[tuple[Request, RequestTrace]]: ...
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One MoE layer as a trace describes it: the model's own layer index, width, top-k and dims."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    dims: LayerDims
+
+
+def layer_shapes(adapter: MoEAdapter) -> list[LayerShape]:
+    return [
+        LayerShape(
+            x.layer,
+            x.num_experts,
+            x.top_k,
+            LayerDims(H=x.hidden, I=x.intermediate, SI=x.shared_intermediate, G=2 if x.gated else 1),
+        )
+        for x in adapter.layers
+    ]
+
+
+def routed_counts(
+    selections: Mapping[int, torch.Tensor], start: int, length: int, shapes: Sequence[LayerShape]
+) -> np.ndarray:
+    """Routed (token, slot) pairs per (layer, expert), flat in layer order, of rows
+    ``[start, start + length)`` of each layer's ``[tokens, top_k]`` selected-expert ids (one request's
+    slice of a batched step). The one place routing becomes counts: every router-level collector
+    (emulated, agent, vLLM) calls it."""
+    import torch
+
+    parts = []
+    for shape in shapes:
+        rows = selections[shape.layer][start : start + length].reshape(-1)
+        parts.append(torch.bincount(rows, minlength=shape.num_experts))
+    return torch.cat(parts).cpu().numpy()
+
+
+def routing_trace(
+    model_id: str,
+    shapes: Sequence[LayerShape],
+    counts: np.ndarray | Sequence[Sequence[int]],
+    tokens: int,
+    *,
+    trace_id: str,
+    collector: str,
+    source: str = "router",
+    unit: Unit = Unit.tokens,
+    region_threads: Sequence[int] | None = None,
+    launches: list | None = None,
+    row: int | None = None,
+    labels: Mapping[str, Any] | None = None,
+    experts_implementation: str | None = None,
+) -> RequestTrace:
+    """The trace/2 record of one request: the one builder every collector calls."""
+    dims = [s.dims for s in shapes]
+    matrix = CountMatrix(counts) if isinstance(counts, np.ndarray) else CountMatrix.of(counts)
+    return RequestTrace(
+        trace_id=trace_id,
+        model_id=model_id,
+        collector=collector,
+        source=source,
+        unit=unit,
+        layers=[s.layer for s in shapes],
+        experts_per_layer=[s.num_experts for s in shapes],
+        top_k=[s.top_k for s in shapes],
+        # one entry stands for every layer when they are all alike (most MoEs): a smaller record
+        dims=dims[0] if len(set(dims)) == 1 else dims,
+        prompt_tokens=int(tokens),
+        counts=matrix,
+        region_threads=None if region_threads is None else list(region_threads),
+        launches=launches,
+        row=row,
+        labels=dict(labels or {}),
+        experts_implementation=experts_implementation,
+    )
+
+
+COLLECTORS = ("emulated", "cupti")
+
+
+def open_collector(
+    kind: str,
+    loaded: Any,
+    *,
+    batch_size: int = 4,
+    max_tokens: int = 4096,
+    attach: str | None = None,
+) -> Collector:
+    """The collector named ``kind`` over a loaded model. ``attach``: keep per-kernel launches on each
+    trace (emulated: the named launch model's; cupti: the kernel records, with any non-empty value).
+    CUPTI reads one request per forward pass (kernel grids cannot be split per request)."""
+    if kind == "emulated":
+        from routescan.telemetry.emulated import EmulatedCollector
+        from routescan.telemetry.registry import load_launch_model
+
+        model = load_launch_model(attach) if attach else None
+        return EmulatedCollector(loaded, batch_size=batch_size, max_tokens=max_tokens, attach=model)
+    if kind == "cupti":
+        from routescan.telemetry.cupti import CuptiCollector, GpuUnavailable
+
+        try:
+            collector = CuptiCollector(loaded, max_tokens=max_tokens, attach=bool(attach))
+        except GpuUnavailable as exc:
+            raise CollectionError(str(exc)) from None
+        loaded.model.to("cuda")
+        return collector
+    raise CollectionError(f"--collector must be one of {', '.join(COLLECTORS)}, not {kind!r}")
