@@ -1,6 +1,6 @@
 """A minimal model server with the RouteScan agent inside, for the end-to-end sidecar test.
 
-    python tests/model_server.py PORT        (env: ROUTESCAN_DAEMON, ROUTESCAN_SPOOL, ROUTESCAN_SIGNAL)
+    python tests/model_server.py PORT        (env: ROUTESCAN_DAEMON, ROUTESCAN_SPOOL)
 
 It serves a seeded tiny Mixtral (the model the demo detector reads) behind POST /generate, batching
 concurrent requests into one padded prefill step the way a real server batches, with the agent

@@ -82,3 +82,27 @@ def test_too_long_and_empty_requests_are_refused(tiny) -> None:
     collector = EmulatedCollector(tiny("mixtral"), max_tokens=10)
     with pytest.raises(CollectionError, match=r"r-long: .* exceed max_tokens=10"):
         list(collector.collect([Request("r-long", "x" * 50)]))
+
+
+def test_counting_all_layers_at_once_equals_layer_by_layer() -> None:
+    """routed_counts' one-bincount path (layers of one width) gives each layer's own bincount, and
+    an expert id past the width is refused rather than counted in the next layer."""
+    import numpy as np
+
+    from routescan.telemetry.collector import LayerShape, routed_counts
+    from routescan.telemetry.schema import LayerDims
+
+    gen = torch.Generator().manual_seed(0)
+    dims = LayerDims(H=8, I=8)
+    shapes = [LayerShape(layer, 6, 2, dims) for layer in (1, 3, 4)]
+    selections = {s.layer: torch.randint(0, 6, (20, 2), generator=gen) for s in shapes}
+    got = routed_counts(selections, 5, 9, shapes)
+    want = np.concatenate(
+        [torch.bincount(selections[s.layer][5:14].reshape(-1), minlength=6).numpy() for s in shapes]
+    )
+    assert got.tolist() == want.tolist() and got.sum() == 3 * 9 * 2
+    ragged = [LayerShape(1, 6, 2, dims), LayerShape(3, 7, 2, dims)]
+    assert routed_counts(selections, 0, 4, ragged).size == 13
+    selections[3][6, 0] = 6
+    with pytest.raises(ValueError, match=r"outside 0\.\.5"):
+        routed_counts(selections, 5, 9, shapes)

@@ -27,7 +27,7 @@ import torch
 
 from routescan.agent.sender import TraceSender
 from routescan.models.adapters import RoutingRecorder, get_adapter
-from routescan.telemetry.collector import layer_shapes, routed_counts, routing_trace
+from routescan.telemetry.collector import layer_shapes, routing_trace, step_counts
 from routescan.telemetry.schema import RequestTrace
 
 
@@ -112,8 +112,8 @@ class RouteScanAgent:
         recorder.clear()
         if not selections:
             return
-        for span in spans:
-            counts = routed_counts(selections, span.start, span.length, self._shapes)
+        per_request = step_counts(selections, [(s.start, s.length) for s in spans], self._shapes)
+        for span, counts in zip(spans, per_request, strict=True):
             self.sender.submit(self._builder(span, counts))
 
     def _builder(self, span: Span, counts):

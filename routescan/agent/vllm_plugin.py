@@ -136,11 +136,11 @@ class _VllmAgent:
     def _emit(self, buffer: dict[int, list], spans: list) -> None:
         import torch
 
-        from routescan.telemetry.collector import routed_counts, routing_trace
+        from routescan.telemetry.collector import routing_trace, step_counts
 
         ids = {i: torch.cat(v).cpu() for i, v in buffer.items()}
-        for span in spans:
-            counts = routed_counts(ids, span.start, span.length, self.shapes)
+        per_request = step_counts(ids, [(s.start, s.length) for s in spans], self.shapes)
+        for span, counts in zip(spans, per_request, strict=True):
 
             def build(span=span, counts=counts):
                 return routing_trace(

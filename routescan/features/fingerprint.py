@@ -29,12 +29,12 @@ from scipy.special import entr
 from routescan.telemetry.launch import LaunchModel, signal_threads
 from routescan.telemetry.registry import load_launch_model
 from routescan.telemetry.schema import (
-    MAX_COUNT,
     LabelKey,
     Labels,
     ModelId,
     Name,
     RequestTrace,
+    Row,
     TraceId,
     Unit,
 )
@@ -238,7 +238,7 @@ class Fingerprint(BaseModel):
     model_id: ModelId
     launch_model: Name
     values: Annotated[list[Annotated[float, Strict()]], Field(min_length=1, max_length=1_000_000)]
-    row: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
+    row: Row | None = None
     labels: Labels = Field(default_factory=dict)
 
     @field_validator("values")

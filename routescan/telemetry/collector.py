@@ -72,15 +72,44 @@ def routed_counts(
 ) -> np.ndarray:
     """Routed (token, slot) pairs per (layer, expert), flat in layer order, of rows
     ``[start, start + length)`` of each layer's ``[tokens, top_k]`` selected-expert ids (one request's
-    slice of a batched step). The one place routing becomes counts: every router-level collector
-    (emulated, agent, vLLM) calls it."""
+    slice of a batched step)."""
+    return step_counts(selections, [(start, length)], shapes)[0]
+
+
+def step_counts(
+    selections: Mapping[int, torch.Tensor], spans: Sequence[tuple[int, int]], shapes: Sequence[LayerShape]
+) -> list[np.ndarray]:
+    """:func:`routed_counts` of each ``(start, length)`` span of one step. The one place routing
+    becomes counts: every router-level collector (emulated, agent, vLLM) calls it. When every layer
+    is as wide (most MoEs) the whole step is one bincount keyed by (request, layer, expert), not one
+    per request and layer (4x faster at the primary shape). Spans must not overlap."""
     import torch
 
-    parts = []
-    for shape in shapes:
-        rows = selections[shape.layer][start : start + length].reshape(-1)
-        parts.append(torch.bincount(rows, minlength=shape.num_experts))
-    return torch.cat(parts).cpu().numpy()
+    widths = {shape.num_experts for shape in shapes}
+    if spans and len(widths) == 1 and len({selections[s.layer].shape for s in shapes}) == 1:
+        (width,) = widths
+        stacked = torch.stack([selections[s.layer] for s in shapes]).to(torch.int32)  # [layers, tokens, k]
+        low, high = torch.aminmax(stacked)
+        if int(low) < 0 or int(high) >= width:
+            # an id past the width would land in the next layer's counts
+            raise ValueError(f"a router selected an expert outside 0..{width - 1}")
+        # one bincount for the whole step: key = request x (layer, expert); rows of no span go last
+        owner = torch.full((stacked.shape[1],), len(spans), dtype=torch.int32, device=stacked.device)
+        for index, (start, length) in enumerate(spans):
+            owner[start : start + length] = index
+        size = len(shapes) * width
+        layer = torch.arange(len(shapes), dtype=torch.int32, device=stacked.device).view(-1, 1, 1) * width
+        key = (owner.view(1, -1, 1) * size + layer + stacked).reshape(-1)
+        counts = torch.bincount(key, minlength=(len(spans) + 1) * size)[: len(spans) * size]
+        return list(counts.view(len(spans), size).cpu().numpy())
+    out = []
+    for start, length in spans:
+        parts = [
+            torch.bincount(selections[s.layer][start : start + length].reshape(-1), minlength=s.num_experts)
+            for s in shapes
+        ]
+        out.append(torch.cat(parts).cpu().numpy())
+    return out
 
 
 def routing_trace(

@@ -20,8 +20,8 @@ from routescan.telemetry.collector import (
     CollectionError,
     Request,
     layer_shapes,
-    routed_counts,
     routing_trace,
+    step_counts,
 )
 from routescan.telemetry.launch import LaunchModel
 from routescan.telemetry.schema import RequestTrace
@@ -79,7 +79,7 @@ class EmulatedCollector:
                 logits_to_keep=1,
             )
             selections = recorder.selections()
-        return [routed_counts(selections, i * width, len(ids), self._shapes) for i, ids in enumerate(encoded)]
+        return step_counts(selections, [(i * width, len(ids)) for i, ids in enumerate(encoded)], self._shapes)
 
     def count_matrix(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
         """``[sequences, sum of experts per layer]`` routed counts of token-id sequences, batched by

@@ -322,6 +322,12 @@ class CountMatrix:
 
 
 Width = Annotated[int, Strict(), Field(ge=0, le=MAX_WIDTH)]
+ExpertsPerLayer = Annotated[
+    list[Annotated[int, Strict(), Field(ge=1, le=MAX_EXPERTS)]], Field(max_length=MAX_LAYERS)
+]
+TopK = Annotated[list[Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K)]], Field(max_length=MAX_LAYERS)]
+PromptTokens = Annotated[int, Strict(), Field(ge=1, le=MAX_PROMPT_TOKENS)]
+Row = Count  # a source-file row number
 
 
 class LayerDims(_Strict):
@@ -352,24 +358,19 @@ class RequestTrace(_Strict):
     source: Name = "router"
     unit: Unit = Unit.tokens
     layers: Annotated[list[Index], Field(min_length=1, max_length=MAX_LAYERS)]
-    experts_per_layer: Annotated[
-        list[Annotated[int, Strict(), Field(ge=1, le=MAX_EXPERTS)]], Field(max_length=MAX_LAYERS)
-    ]
-    top_k: (
-        Annotated[list[Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K)]], Field(max_length=MAX_LAYERS)]
-        | None
-    ) = None
-    # per layer; needed to derive kernel launches from token counts (launch models)
-    # one LayerDims for every layer, or one per layer
+    experts_per_layer: ExpertsPerLayer
+    top_k: TopK | None = None
+    # the layers' widths, needed to derive kernel launches from token counts (launch models): one
+    # LayerDims for every layer, or one per layer
     dims: LayerDims | Annotated[list[LayerDims], Field(max_length=MAX_LAYERS)] | None = None
-    prompt_tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_PROMPT_TOKENS)]
+    prompt_tokens: PromptTokens
     counts: CountMatrix
     # per layer, prefill threads of the MoE work that is not one expert's (router, fused or shared
     # kernels), where a kernel collector measured them; launch models derive it from token counts
     region_threads: Annotated[list[Count], Field(max_length=MAX_LAYERS)] | None = None
     # optional per-kernel attachment (CUPTI validation); never needed to featurise or score
     launches: Annotated[list[KernelLaunch], Field(max_length=MAX_LAUNCHES)] | None = None
-    row: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
+    row: Row | None = None
     labels: Labels = Field(default_factory=dict)
     experts_implementation: Name | None = None
 
@@ -476,16 +477,11 @@ class TraceV1(_Strict):
     launch_model: Name
     unit: Unit = Unit.threads
     layers: Annotated[list[Index], Field(max_length=MAX_LAYERS)]
-    experts_per_layer: Annotated[
-        list[Annotated[int, Strict(), Field(ge=1, le=MAX_EXPERTS)]], Field(max_length=MAX_LAYERS)
-    ]
-    top_k: (
-        Annotated[list[Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K)]], Field(max_length=MAX_LAYERS)]
-        | None
-    ) = None
-    prompt_tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_PROMPT_TOKENS)]
+    experts_per_layer: ExpertsPerLayer
+    top_k: TopK | None = None
+    prompt_tokens: PromptTokens
     launches: Annotated[list[KernelLaunch], Field(max_length=MAX_LAUNCHES)]
-    row: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
+    row: Row | None = None
     labels: Labels = Field(default_factory=dict)
     experts_implementation: Name | None = None
 
