@@ -69,6 +69,9 @@ def buckets(raw: Path) -> tuple[int, dict[str, int]]:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        if leaf.startswith(("Condition.wait", "Queue.get", "Event.wait")):
+            continue  # a thread waiting for work (pool workers, the audit writer): idle, though sampled
         total += int(n)
         for name, keys in BUCKETS:
             if any(k in stack for k in keys):
@@ -76,7 +79,11 @@ def buckets(raw: Path) -> tuple[int, dict[str, int]]:
                 break
         else:
             counts["other"] += int(n)
+            OTHER[" ; ".join(f.split(" (")[0] for f in stack.split(";")[-3:])] += int(n)
     return total, counts
+
+
+OTHER: collections.Counter[str] = collections.Counter()  # leaf frames of unbucketed samples, for --verbose
 
 
 def main() -> None:
@@ -84,6 +91,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="print the commonest unbucketed stacks")
     args = ap.parse_args()
     traces = primary_shape_traces(300)
     loads = {
@@ -136,6 +144,9 @@ def main() -> None:
         lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
     rates = [f"{r[0]['rps']:,.0f} req/s" for r in results.values()]
     lines += ["| (throughput while profiled) | " + " | ".join(rates) + " |"]
+    if args.verbose:
+        for stack, n in OTHER.most_common(15):
+            print(f"{n:6d}  {stack}")
     text = "\n".join(lines)
     if not args.no_write:
         update_section(args.out, "service-profile", text)

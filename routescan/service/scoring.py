@@ -9,6 +9,7 @@ identifier.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import re
@@ -186,8 +187,10 @@ class ScoringService:
         ]
         await asyncio.wrap_future(self.store.submit(records))  # acknowledged only once committed
         latency_ms = (time.perf_counter() - start) * 1e3
+        # Every value here was validated on the way in (ids by the trace schema, scores by the
+        # scorer's finiteness check), so the results are constructed, not validated again.
         results = [
-            ScoreResult(
+            ScoreResult.model_construct(
                 trace_id=s.trace_id,
                 model_id=s.model_id,
                 score=s.score,
@@ -201,11 +204,18 @@ class ScoringService:
             )
             for s in scored
         ]
-        for result in results:
-            self.metrics.scored.labels(model_id=result.model_id, label=result.label).inc()
-            self.metrics.scores.labels(model_id=result.model_id).observe(result.score)
-            if result.label == "flagged":
-                self.metrics.flagged.labels(model_id=result.model_id).inc()
-                if self.alerts is not None:
-                    self.alerts.send(result.model_dump(mode="json"))
+        self._count(results)
         return results, latency_ms
+
+    def _count(self, results: list[ScoreResult]) -> None:
+        """Metrics and alerts: one counter update per (model, label) of the batch, not per result."""
+        tally = collections.Counter((r.model_id, r.label) for r in results)
+        for (model_id, label), n in tally.items():
+            self.metrics.scored.labels(model_id=model_id, label=label).inc(n)
+            if label == "flagged":
+                self.metrics.flagged.labels(model_id=model_id).inc(n)
+        histograms = {m: self.metrics.scores.labels(model_id=m) for m, _ in tally}
+        for result in results:
+            histograms[result.model_id].observe(result.score)
+            if result.label == "flagged" and self.alerts is not None:
+                self.alerts.send(result.model_dump(mode="json"))
