@@ -35,7 +35,7 @@ BUCKETS = [
     ("audit store writer thread (group commit, SQLite inserts and fsync)", ("routescan-audit-writer",)),
     (
         "decode + validate the body (MessagePack, pydantic schemas)",
-        ("wire.py", "scoring.py:parse", "(parse)"),
+        ("wire.py", ";parse ("),
     ),
     ("featurise + score (launch model, fingerprint, predict)", ("Scorer.score",)),
     ("record + acknowledge (audit records, results, metrics, wait on commit)", ("ScoringService.score",)),
