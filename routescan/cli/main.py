@@ -22,7 +22,7 @@ from routescan.cli.train import train
 app = typer.Typer(
     name="routescan",
     help="Privacy-preserving safety auditing of MoE LLMs from expert-kernel launch telemetry. "
-    "Traces hold per-(layer, expert) launch aggregates only: never prompt text.",
+    "Traces hold per-(layer, expert) routing counts only: never prompt text.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
