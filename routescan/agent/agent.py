@@ -18,11 +18,12 @@ collector runs) as a cross-check of step totals.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from routescan.agent.sender import TraceSender
@@ -116,7 +117,7 @@ class RouteScanAgent:
         for span, counts in zip(spans, per_request, strict=True):
             self.sender.submit(self._builder(span, counts))
 
-    def _builder(self, span: Span, counts):
+    def _builder(self, span: Span, counts: np.ndarray) -> Callable[[], RequestTrace]:
         def build() -> RequestTrace:
             return routing_trace(
                 self.model_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -251,7 +251,13 @@ class TraceSink:
     final file (atomically) and removes the staging file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, resume: bool = True, notice=None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        resume: bool = True,
+        notice: Callable[[str], object] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.stage = (
             self.path
@@ -299,7 +305,9 @@ class TraceSink:
             os.remove(self.stage)
         return self.path
 
-    def collect(self, collector: Collector, requests: Iterable[Request], progress=None) -> int:
+    def collect(
+        self, collector: Collector, requests: Iterable[Request], progress: Callable[[], object] | None = None
+    ) -> int:
         """Run ``collector`` over the requests not yet ``done``, writing each trace as it comes;
         ``progress()`` is called once per trace. Returns how many were written."""
         written = 0

@@ -389,7 +389,9 @@ class LaunchModel:
                 )
         return out
 
-    def _geometry(self, spec: KernelSpec, env: dict[str, int]):
+    def _geometry(
+        self, spec: KernelSpec, env: dict[str, int]
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         try:
             return spec.geometry(env)
         except (LaunchModelError, ZeroDivisionError, OverflowError) as exc:
