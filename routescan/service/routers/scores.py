@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
 from routescan.service.deps import Authorized, BodyDep, ServiceDep
@@ -39,10 +39,12 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 @router.post("/score", response_model=ScoreResult, responses=_ERRORS, openapi_extra=_json_body(ScoreRequest))
-async def score_one(body: BodyDep, service: ServiceDep) -> ScoreResult:
+async def score_one(body: BodyDep, service: ServiceDep) -> Response:
     """Score one trace or fingerprint; the result is in the audit log before it is returned."""
     results, _ = await service.score(body.data, batch=False, binary=body.binary)
-    return results[0]
+    # serialised here: the result is built from validated values, so FastAPI's response-model
+    # validation and encoding would only repeat work on the hot path (the schema stays documented)
+    return Response(results[0].model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -53,13 +55,13 @@ async def score_batch(
     service: ServiceDep,
     agent: Annotated[str | None, Header(alias=AGENT_HEADER, include_in_schema=False)] = None,
     agent_counters: Annotated[str | None, Header(alias=COUNTERS_HEADER, include_in_schema=False)] = None,
-) -> BatchResult:
+) -> Response:
     """Score up to ``max_batch`` items in one call (one model pass, one audit transaction)."""
     service.metrics.agents.report(agent, agent_counters)
     results, latency = await service.score(body.data, batch=True, binary=body.binary)
-    return BatchResult(
-        results=results, flagged=sum(r.label == "flagged" for r in results), latency_ms=latency
-    )
+    flagged = sum(r.label == "flagged" for r in results)
+    batch = BatchResult.model_construct(results=results, flagged=flagged, latency_ms=latency)
+    return Response(batch.model_dump_json(), media_type="application/json")
 
 
 BODY_MODELS = (ScoreRequest, BatchRequest)
