@@ -109,6 +109,9 @@ def test_different_prompts_differ_and_mismatch_is_refused(tiny, launch_models) -
     gpu = measured(a, [])
     with pytest.raises(FingerprintMismatch, match="cannot give the spec's signal 'hf-eager'"):
         spec.transform(gpu)
+    cupti_spec = FingerprintSpec.from_trace(gpu)  # a detector trained on CUPTI measurements
+    with pytest.raises(FingerprintMismatch, match="'cupti' is no launch model RouteScan has"):
+        cupti_spec.transform(a)  # routed counts cannot be turned into measured threads
     no_dims = a.model_copy(update={"dims": None})
     from routescan.telemetry.launch import LaunchModelError
 

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator
 from scipy.special import entr
 
-from routescan.telemetry.launch import LaunchModel, signal_threads
+from routescan.telemetry.launch import LaunchModel, LaunchModelError, signal_threads
 from routescan.telemetry.registry import load_launch_model
 from routescan.telemetry.schema import (
     LabelKey,
@@ -156,12 +156,24 @@ class FingerprintSpec(BaseModel):
         if trace.source == self.launch_model and trace.unit == self.unit:
             return True
         if trace.source == ROUTER and trace.unit == Unit.tokens:
+            self._derivable(trace)
             return False
         raise FingerprintMismatch(
             f"trace {trace.trace_id} holds '{trace.source}' {trace.unit.value}, which cannot give the "
             f"spec's signal '{self.launch_model}': send routed token counts (source 'router') or "
             f"'{self.launch_model}' measurements"
         )
+
+    def _derivable(self, trace: RequestTrace) -> None:
+        """Routed counts give the spec's signal only through a launch model of that name."""
+        try:
+            self.signal()
+        except LaunchModelError:
+            raise FingerprintMismatch(
+                f"trace {trace.trace_id} holds routed counts, but the spec's signal "
+                f"'{self.launch_model}' is no launch model RouteScan has (built-in ones, or a YAML in "
+                "ROUTESCAN_CONFIG_DIR/launch/): send that signal's own measurements"
+            ) from None
 
     def check(self, trace: RequestTrace) -> None:
         """Raise :class:`FingerprintMismatch` naming what differs."""
