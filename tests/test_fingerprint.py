@@ -140,3 +140,34 @@ def test_table_round_trip(tmp_path, tiny, launch_models, suffix: str) -> None:
     assert table.trace_ids == ["r0", "r1", "r2"] and table.rows == [0, 1, 2]
     assert table.labels == {"label": [0, 1, 0]}
     assert np.array_equal(table.X, np.array([fp.values for fp in fps]))
+
+
+def test_mixed_batches_featurise_as_their_traces_alone(tiny, launch_models) -> None:
+    """One batch holding routed and measured traces, of layers of different widths and dims, gives
+    each trace the row it gets alone (the batched paths gather and scatter correctly)."""
+    from routescan.telemetry.collector import LayerShape, routing_trace
+    from routescan.telemetry.schema import LayerDims
+
+    routed = collect(tiny, launch_models, TEXTS, attach=launch_models["hf-eager"])
+    spec = FingerprintSpec.from_trace(routed[0], "hf-eager")
+    gpu = [measured(t, list(t.launches), source="hf-eager") for t in routed[:2]]
+    batch = [routed[0], gpu[0], routed[1], gpu[1], routed[2]]
+    alone = np.stack([spec.transform(t) for t in batch])
+    assert np.array_equal(spec.transform_many(batch), alone)
+    assert np.array_equal(spec.launched(batch), np.array([spec.launched([t])[0] for t in batch]))
+    # ragged layers (6 and 4 experts), two layer shapes, and a second trace with other widths
+    rng = np.random.default_rng(0)
+    shapes = [LayerShape(0, 6, 2, LayerDims(H=64, I=32)), LayerShape(2, 4, 2, LayerDims(H=64, I=48, SI=16))]
+    other = [LayerShape(0, 6, 2, LayerDims(H=128, I=32)), LayerShape(2, 4, 2, LayerDims(H=64, I=48, SI=16))]
+    traces = []
+    for i, layout in enumerate([shapes, other, shapes]):
+        counts = np.concatenate(
+            [np.bincount(rng.choice(s.num_experts, 2 * 5), minlength=s.num_experts) for s in layout]
+        )
+        traces.append(
+            routing_trace("m", layout, counts.clip(0, 5), 5, trace_id=f"t{i}", collector="emulated")
+        )
+    ragged = FingerprintSpec.from_trace(traces[0], "hf-eager")
+    assert np.array_equal(ragged.transform_many(traces), np.stack([ragged.transform(t) for t in traces]))
+    same_counts = routing_trace("m", other, traces[0].counts.flat, 5, trace_id="t3", collector="emulated")
+    assert not np.array_equal(ragged.transform(traces[0]), ragged.transform(same_counts))  # widths matter

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from routescan.features.fingerprint import FingerprintSpec
+from routescan.features.fingerprint import FingerprintSpec, derives_signals
 from routescan.telemetry.io import TraceFileError, TraceSink, iter_trace_rows, read_traces, write_traces
 from routescan.telemetry.schema import KernelLaunch, RequestTrace, sum_launches
 from routescan.telemetry.wire import WireError, packb, trace_payload, unpackb
@@ -130,6 +130,13 @@ def test_counts_are_strict_and_bounded(counts, why: str) -> None:
         make_trace(counts=counts)
 
 
+def test_the_top_k_bound_is_per_layer() -> None:
+    """Layers with different top-k: each layer's sum is bounded by its own k."""
+    make_trace(top_k=[2, 1], counts=[[3, 2, 5, 0], [1, 4, 0, 0]])
+    with pytest.raises(ValidationError, match="prompt_tokens x top_k"):
+        make_trace(top_k=[2, 1], counts=[[3, 2, 5, 0], [1, 4, 0, 1]])
+
+
 def test_inconsistent_fields_and_launches_are_rejected() -> None:
     with pytest.raises(ValidationError, match="grid x block"):
         KernelLaunch(kernel="k", layer=0, expert=0, grid=(2, 1, 1), block=(32, 1, 1), threads=63)
@@ -234,6 +241,7 @@ def test_trace_v1_files_are_read_and_keep_their_fingerprints(tmp_path) -> None:
         assert [t.schema_version for t in traces] == ["routescan.trace/2"] * len(by_id)
         spec = FingerprintSpec.from_trace(traces[0])
         assert spec.launch_model == name.split(".")[1]
+        assert not derives_signals(traces[0])  # no widths: only its own signal (what evaluate reads)
         for trace in traces:
             np.testing.assert_allclose(spec.transform(trace), by_id[trace.trace_id], rtol=0, atol=1e-12)
         # and as Parquet, written by the old layout's columns: converted the same way
@@ -255,6 +263,7 @@ def test_trace_v2_fingerprints_equal_trace_v1_for_the_same_routing(tiny, model_t
     rows = list(read_prompts(demo_prompts_path()))[:3]
     requests = [Request(r.trace_id, r.text) for r in rows]
     traces = [t for _, t in EmulatedCollector(tiny(model_type), batch_size=4).collect(requests)]
+    assert derives_signals(traces[0])
     for signal in ("hf-eager", "router", "vllm-fused-moe"):
         spec = FingerprintSpec.from_trace(traces[0], signal)
         by_id = expected[f"{model_type}.{signal}.jsonl"]

@@ -81,9 +81,8 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, sig
     from routescan.detector.methods import TELEMETRY_METHODS
     from routescan.detector.report import evaluate as run
     from routescan.detector.report import render_markdown, write_figures, write_json
-    from routescan.features.fingerprint import ROUTER
+    from routescan.features.fingerprint import derives_signals
     from routescan.telemetry.io import read_traces
-    from routescan.telemetry.schema import Unit
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(TELEMETRY_METHODS))
@@ -94,8 +93,8 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, sig
     sources: dict[str, LabelledSet] = {}
     for path in traces:
         rows = list(read_traces(path))
-        routed = bool(rows) and rows[0].source == ROUTER and rows[0].unit == Unit.tokens
-        for name in (signal or list(COMPARED_SIGNALS)) if routed else [None]:
+        derives = bool(rows) and derives_signals(rows[0])
+        for name in (signal or list(COMPARED_SIGNALS)) if derives else [None]:
             data = LabelledSet.from_traces(rows, launch_model=name)
             if data.spec.launch_model in sources:
                 raise ValueError(f"signal '{data.spec.launch_model}' given twice")

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator
 from scipy.special import entr
 
-from routescan.telemetry.launch import LaunchModel, LaunchModelError, signal_threads
+from routescan.telemetry.launch import LaunchModel, LaunchModelError, SignalThreads, signal_threads
 from routescan.telemetry.registry import load_launch_model
 from routescan.telemetry.schema import (
     LabelKey,
@@ -46,6 +46,13 @@ DEFAULT_SIGNAL = "hf-eager"
 
 SPEC_VERSION: Literal["routescan.fp/1"] = "routescan.fp/1"
 FINGERPRINT_SCHEMA: Literal["routescan.fingerprint/1"] = "routescan.fingerprint/1"
+
+
+def derives_signals(trace: RequestTrace) -> bool:
+    """Whether any launch model can turn the trace's counts into its signal: routed token counts
+    that carry the layer widths. Otherwise (measured threads, trace/1 router files without widths)
+    the trace gives only its own signal."""
+    return trace.source == ROUTER and trace.unit == Unit.tokens and trace.dims is not None
 
 
 class FingerprintMismatch(ValueError):
@@ -88,7 +95,7 @@ class FingerprintSpec(BaseModel):
         """The spec of ``trace``'s model under a signal. Default: :data:`DEFAULT_SIGNAL` for routed
         token counts, the trace's own signal for measured threads (CUPTI, trace/1 files) and for
         counts without the layer widths a launch model needs (trace/1 router files)."""
-        if launch_model is None and trace.source == ROUTER and trace.unit == Unit.tokens and trace.dims:
+        if launch_model is None and derives_signals(trace):
             launch_model = DEFAULT_SIGNAL
         if isinstance(launch_model, str):
             launch_model = load_launch_model(launch_model)
@@ -118,9 +125,18 @@ class FingerprintSpec(BaseModel):
         return self
 
     def signal(self) -> LaunchModel:
-        if self._bound is None:
-            self._bound = load_launch_model(self.launch_model)
-        return self._bound
+        """The launch model that turns routed counts into the spec's signal; a mismatch when there
+        is none of that name (a ``cupti`` spec, an unshipped tile table): routed counts cannot give it."""
+        bound = self._bound
+        if bound is None:
+            try:
+                bound = self._bound = load_launch_model(self.launch_model)
+            except LaunchModelError:
+                raise FingerprintMismatch(
+                    f"the spec's signal '{self.launch_model}' is no launch model RouteScan has (built-in "
+                    "ones, or a YAML in ROUTESCAN_CONFIG_DIR/launch/): send that signal's own measurements"
+                ) from None
+        return bound
 
     @property
     def dim(self) -> int:
@@ -156,7 +172,6 @@ class FingerprintSpec(BaseModel):
         if trace.source == self.launch_model and trace.unit == self.unit:
             return True
         if trace.source == ROUTER and trace.unit == Unit.tokens:
-            self._derivable(trace)
             return False
         raise FingerprintMismatch(
             f"trace {trace.trace_id} holds '{trace.source}' {trace.unit.value}, which cannot give the "
@@ -164,20 +179,13 @@ class FingerprintSpec(BaseModel):
             f"'{self.launch_model}' measurements"
         )
 
-    def _derivable(self, trace: RequestTrace) -> None:
-        """Routed counts give the spec's signal only through a launch model of that name."""
-        try:
-            self.signal()
-        except LaunchModelError:
-            raise FingerprintMismatch(
-                f"trace {trace.trace_id} holds routed counts, but the spec's signal "
-                f"'{self.launch_model}' is no launch model RouteScan has (built-in ones, or a YAML in "
-                "ROUTESCAN_CONFIG_DIR/launch/): send that signal's own measurements"
-            ) from None
-
     def check(self, trace: RequestTrace) -> None:
         """Raise :class:`FingerprintMismatch` naming what differs."""
-        self.measured(trace)
+        if not self.measured(trace):
+            try:
+                self.signal()
+            except FingerprintMismatch as exc:
+                raise FingerprintMismatch(f"trace {trace.trace_id} holds routed counts, but {exc}") from None
 
     def transform(self, trace: RequestTrace) -> np.ndarray:
         """One trace -> vector of length :attr:`dim` (float64)."""
@@ -186,30 +194,37 @@ class FingerprintSpec(BaseModel):
     def transform_many(self, traces: Iterable[RequestTrace]) -> np.ndarray:
         """Traces -> ``(n, dim)`` matrix, computed for the whole batch at once."""
         traces = list(traces)
-        X = np.empty((len(traces), self.dim), dtype=np.float64)
         if not traces:
-            return X
-        measured = [self.measured(t) for t in traces]
-        if len(set(measured)) == 1:  # the usual batch: one kind of trace, no gather / scatter
-            threads = signal_threads(traces, None if measured[0] else self.signal()).expert
-            return self._vectors(threads, np.array([t.prompt_tokens for t in traces], dtype=np.float64))
-        for as_is in (True, False):
-            idx = [i for i, m in enumerate(measured) if m is as_is]
-            if idx:
-                part = [traces[i] for i in idx]
-                threads = signal_threads(part, None if as_is else self.signal()).expert
-                X[idx] = self._vectors(threads, np.array([t.prompt_tokens for t in part], dtype=np.float64))
-        return X
+            return np.empty((0, self.dim), dtype=np.float64)
+        tokens = np.array([t.prompt_tokens for t in traces], dtype=np.float64)
+        return self._vectors(self.threads(traces).expert, tokens)
 
     def launched(self, traces: Sequence[RequestTrace]) -> np.ndarray:
         """Every prefill thread of each trace under this signal, per-layer work included: what an
         observer who cannot attribute launches to experts sees (for vLLM's fused MoE, a function of
         length only)."""
-        out = np.empty(len(traces))
-        for i, trace in enumerate(traces):
-            sig = signal_threads([trace], None if self.measured(trace) else self.signal())
-            out[i] = sig.expert.sum() + sig.region.sum()
-        return out
+        if not traces:
+            return np.empty(0)
+        sig = self.threads(traces)
+        return sig.expert.sum(axis=1) + sig.region.sum(axis=1)
+
+    def threads(self, traces: Sequence[RequestTrace]) -> SignalThreads:
+        """The spec's signal of a batch of traces: measured ones read as they are, routed ones put
+        through the launch model, each kind in one call."""
+        measured = np.array([self.measured(t) for t in traces])
+        expert = region = None
+        for as_is in (True, False):
+            idx = np.flatnonzero(measured == as_is)
+            if not idx.size:
+                continue
+            part = signal_threads([traces[i] for i in idx], None if as_is else self.signal())
+            if idx.size == len(traces):  # the usual batch: one kind of trace, nothing to scatter
+                return part
+            if expert is None:
+                expert = np.empty((len(traces), part.expert.shape[1]))
+                region = np.empty((len(traces), part.region.shape[1]))
+            expert[idx], region[idx] = part.expert, part.region
+        return SignalThreads(expert, region)
 
     def _vectors(self, threads: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         n_layers = len(self.layers)
@@ -297,6 +312,7 @@ __all__ = [
     "FingerprintSpec",
     "LabelKey",
     "LayerSlice",
+    "derives_signals",
     "fingerprint",
     "fingerprints",
     "label_columns",

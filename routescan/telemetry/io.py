@@ -119,6 +119,8 @@ def _to_row(trace: RequestTrace) -> dict:
 
 
 def _from_row(row: dict, counts: np.ndarray | None) -> dict:
+    """A Parquet row as the dict its trace model validates: trace/2 with its count slice, or trace/1
+    (``counts`` None). Nulls are absent fields; labels and dims come back from their JSON."""
     row = {k: v for k, v in row.items() if v is not None}
     row["labels"] = json.loads(row["labels"]) if row.get("labels") else {}
     if "dims" in row:
@@ -205,7 +207,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, RequestTrace | TraceFileErr
         for number in range(1, table.num_rows + 1):
             yield number, TraceFileError(path, number, f"unknown columns {sorted(extra)} are not allowed")
         return
+    # the count matrices as one column of integers, sliced per row (no Python int per count)
     counts = table.column("counts").combine_chunks()
+    missing_counts = counts.is_null().to_numpy(zero_copy_only=False)
     try:
         offsets = counts.offsets.to_numpy()
         values = counts.values.to_numpy(zero_copy_only=False)
@@ -214,9 +218,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, RequestTrace | TraceFileErr
     rest = table.drop_columns(["counts"])
     for number, row in enumerate(rest.to_pylist(), start=1):
         try:
-            flat = None if offsets is None else values[offsets[number - 1] : offsets[number]]
-            if flat is None or counts[number - 1].as_py() is None:
+            if offsets is None or missing_counts[number - 1]:
                 raise ValueError("counts are missing")
+            flat = values[offsets[number - 1] : offsets[number]]
             yield number, RequestTrace.model_validate(_from_row(row, flat))
         except (ValidationError, ValueError, TypeError) as exc:
             yield number, TraceFileError(path, number, _short(exc))
@@ -224,11 +228,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, RequestTrace | TraceFileErr
 
 def _parquet_v1_rows(path: Path, table: pa.Table) -> Iterator[tuple[int, RequestTrace | TraceFileError]]:
     for number, row in enumerate(table.to_pylist(), start=1):
-        row = {k: v for k, v in row.items() if v is not None}
-        row["labels"] = json.loads(row["labels"]) if row.get("labels") else {}
-        row["launches"] = [{k: v for k, v in x.items() if v is not None} for x in row.get("launches", [])]
         try:
-            yield number, TraceV1.model_validate(row).to_v2()
+            yield number, TraceV1.model_validate(_from_row(row, None)).to_v2()
         except (ValidationError, ValueError, TypeError) as exc:
             yield number, TraceFileError(path, number, _short(exc))
 

@@ -327,18 +327,32 @@ class LaunchModel:
         big = counts[~small]
         values, inverse = np.unique(big, return_inverse=True)
         sparse = memo.setdefault("sparse", {})
-        totals = [sparse.get(m) or sparse.setdefault(m, self._expert_total(dims, m)) for m in values.tolist()]
+        totals = [
+            sparse[m] if m in sparse else sparse.setdefault(m, self._expert_total(dims, m))
+            for m in values.tolist()
+        ]
         out[~small] = np.asarray(totals, dtype=np.float64)[inverse]
         return out
 
+    def _scope_env(
+        self, spec: KernelSpec, env: Mapping[str, int], tokens: int, m: int = 0
+    ) -> dict[str, int] | None:
+        """The variables a kernel of ``spec``'s scope is sized from, or None when it is not launched:
+        an ``expert`` kernel over that expert's M routed pairs (none when it got nothing: the eager
+        loop skips it), a ``layer`` kernel over all T*K pairs, a ``shared`` kernel over the T tokens
+        of a layer that has a shared expert."""
+        if spec.scope == Scope.expert:
+            return {**env, "M": int(m)} if m > 0 else None
+        if spec.scope == Scope.layer:
+            return {**env, "M": int(tokens) * env["K"]}
+        return {**env, "M": int(tokens)} if env.get("SI", 0) > 0 else None
+
     def _expert_total(self, dims: Mapping[str, int], m: int) -> int:
-        if m <= 0:
-            return 0
-        env = {**self._env(dims), "M": m}
+        env = self._env(dims)
         total = 0
         for spec in self.kernels:
-            if spec.scope == Scope.expert:
-                total += _threads(self._geometry(spec, env))
+            if spec.scope == Scope.expert and (scoped := self._scope_env(spec, env, 0, m)) is not None:
+                total += _threads(self._geometry(spec, scoped))
         return total
 
     def region_threads(self, dims: Mapping[str, int], tokens: int) -> int:
@@ -352,10 +366,8 @@ class LaunchModel:
             env = self._env(dims, tokens)
             total = 0
             for spec in self.kernels:
-                if spec.scope == Scope.layer:
-                    total += _threads(self._geometry(spec, {**env, "M": int(tokens) * dims["K"]}))
-                elif spec.scope == Scope.shared and dims.get("SI", 0) > 0:
-                    total += _threads(self._geometry(spec, {**env, "M": int(tokens)}))
+                if spec.scope != Scope.expert and (scoped := self._scope_env(spec, env, tokens)) is not None:
+                    total += _threads(self._geometry(spec, scoped))
             table[tokens] = total
         return total
 
@@ -370,23 +382,12 @@ class LaunchModel:
         env = self._env(dims, tokens)
         out: list[KernelLaunch] = []
         for spec in self.kernels:
-            if spec.scope == Scope.expert:
-                for expert, m in enumerate(counts):
-                    if m > 0:  # the eager loop only visits experts that were hit
-                        geo = self._geometry(spec, {**env, "M": int(m)})
-                        _emit(out, spec.name, layer, expert, Region.expert, geo)
-            elif spec.scope == Scope.layer:
-                geo = self._geometry(spec, {**env, "M": int(tokens) * dims["K"]})
-                _emit(out, spec.name, layer, None, Region.layer, geo)
-            elif dims.get("SI", 0) > 0:
-                _emit(
-                    out,
-                    spec.name,
-                    layer,
-                    None,
-                    Region.shared,
-                    self._geometry(spec, {**env, "M": int(tokens)}),
-                )
+            region = {Scope.expert: Region.expert, Scope.layer: Region.layer, Scope.shared: Region.shared}[
+                spec.scope
+            ]
+            for expert, m in enumerate(counts) if spec.scope == Scope.expert else [(None, 0)]:
+                if (scoped := self._scope_env(spec, env, tokens, m)) is not None:
+                    _emit(out, spec.name, layer, expert, region, self._geometry(spec, scoped))
         return out
 
     def _geometry(
@@ -396,6 +397,9 @@ class LaunchModel:
             return spec.geometry(env)
         except (LaunchModelError, ZeroDivisionError, OverflowError) as exc:
             raise LaunchModelError(f"{self.source}: kernel '{spec.name}': {exc}") from exc
+
+
+_REGION = {Scope.expert: Region.expert, Scope.layer: Region.layer, Scope.shared: Region.shared}
 
 
 def _threads(geometry: tuple[tuple[int, int, int], tuple[int, int, int]]) -> int:
@@ -458,35 +462,41 @@ def signal_threads(traces: Sequence[RequestTrace], launch_model: LaunchModel | N
             if t.region_threads is not None:
                 region[row] = t.region_threads
         return SignalThreads(flat.astype(np.float64), region)
-    tokens = [t.prompt_tokens for t in traces]
-    expert = np.empty(flat.shape, dtype=np.float64)
+    tokens = np.array([t.prompt_tokens for t in traces])
     region = np.zeros((len(traces), n_layers), dtype=np.float64)
     # traces of one model share their widths; a batch whose widths differ is split by them
     groups: dict[Any, list[int]] = {}
     for row, t in enumerate(traces):
         groups.setdefault(_freeze(t.dims), []).append(row)
+    expert = None if len(groups) == 1 else np.empty(flat.shape, dtype=np.float64)
     for rows in groups.values():
-        sample = traces[rows[0]]
-        idx = np.asarray(rows)
-        shapes = _shape_groups(sample)
-        if len(shapes) == 1 and len(rows) == len(traces):  # one shape, one batch: no gather / scatter
-            env, layers, _ = shapes[0]
-            expert = launch_model.expert_threads(env, flat)
-            if launch_model.has_regions:
-                per_length = {n: launch_model.region_threads(env, n) for n in set(tokens)}
-                region[:] = np.array([per_length[n] for n in tokens])[:, None]
-            continue
-        for env, layers, cols in shapes:
-            block = flat[idx[:, None], cols[None, :]] if len(rows) < len(traces) else flat[:, cols]
-            threads = launch_model.expert_threads(env, block)
-            if len(rows) < len(traces):
-                expert[idx[:, None], cols[None, :]] = threads
-            else:
-                expert[:, cols] = threads
-            if launch_model.has_regions:
-                per_length = {n: launch_model.region_threads(env, n) for n in {tokens[r] for r in rows}}
-                region[np.ix_(idx, layers)] = np.array([per_length[tokens[r]] for r in rows])[:, None]
+        idx = np.asarray(rows) if expert is not None else slice(None)  # the usual batch: no gather
+        shapes = _shape_groups(traces[rows[0]])
+        part = _expert_threads(launch_model, shapes, flat[idx])
+        if expert is None:
+            expert = part
+        else:
+            expert[idx] = part
+        if launch_model.has_regions:
+            lengths = tokens[idx].tolist()
+            for env, layers, _ in shapes:
+                per_length = {n: launch_model.region_threads(env, n) for n in set(lengths)}
+                region[np.ix_(np.arange(len(traces))[idx], layers)] = np.array(
+                    [per_length[n] for n in lengths]
+                )[:, None]
     return SignalThreads(expert, region)
+
+
+def _expert_threads(
+    launch_model: LaunchModel, shapes: list[tuple[dict[str, int], list[int], np.ndarray]], counts: np.ndarray
+) -> np.ndarray:
+    """Expert threads of a ``(traces, experts)`` count block, one table look-up per layer shape."""
+    if len(shapes) == 1:  # most MoEs: every layer alike, the whole block in one look-up
+        return launch_model.expert_threads(shapes[0][0], counts)
+    out = np.empty(counts.shape, dtype=np.float64)
+    for env, _, cols in shapes:
+        out[:, cols] = launch_model.expert_threads(env, counts[:, cols])
+    return out
 
 
 def _shape_groups(trace: RequestTrace) -> list[tuple[dict[str, int], list[int], np.ndarray]]:

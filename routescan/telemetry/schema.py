@@ -377,14 +377,7 @@ class RequestTrace(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> RequestTrace:
         n = len(self.layers)
-        if len(self.experts_per_layer) != n:
-            raise ValueError("layers and experts_per_layer must have one entry per layer")
-        if len(set(self.layers)) != n:
-            raise ValueError("layers must be unique")
-        for name in ("top_k", "dims", "region_threads"):
-            value = getattr(self, name)
-            if isinstance(value, list) and len(value) != n:
-                raise ValueError(f"{name} must have one entry per layer")
+        _check_layout(self, "top_k", "dims", "region_threads")
         counts = self.counts
         if counts.row_lengths is not None and list(counts.row_lengths) != list(self.experts_per_layer):
             raise ValueError("counts must have one row per layer, one entry per expert of that layer")
@@ -403,13 +396,9 @@ class RequestTrace(_Strict):
                     sums = counts.flat.reshape(n, widths[0]).sum(axis=1)
                 else:
                     sums = np.add.reduceat(counts.flat, self.offsets()[:-1])
-                limit = self.top_k[0] * self.prompt_tokens if min(self.top_k) == max(self.top_k) else None
-                if limit is not None and int(sums.max()) > limit:
-                    raise ValueError("counts: a layer routed more than prompt_tokens x top_k")
-                if (
-                    limit is None
-                    and (sums > np.asarray(self.top_k, dtype=np.int64) * self.prompt_tokens).any()
-                ):
+                k = self.top_k
+                per_token = k[0] if min(k) == max(k) else np.asarray(k, dtype=np.int64)  # most MoEs: one k
+                if (sums > per_token * self.prompt_tokens).any():
                     raise ValueError("counts: a layer routed more than prompt_tokens x top_k")
         if self.launches is not None:
             _check_launches(self.launches, self.layers, self.experts_per_layer)
@@ -431,6 +420,20 @@ class RequestTrace(_Strict):
     def is_empty(self) -> bool:
         """No expert received anything: a trace with nothing to score."""
         return not self.counts.flat.any()
+
+
+def _check_layout(trace: RequestTrace | TraceV1, *per_layer: str) -> None:
+    """A trace's layer layout: one entry per layer in experts_per_layer and in each per-layer field
+    named (a field that is None, or one value standing for every layer, is not a list)."""
+    n = len(trace.layers)
+    if len(trace.experts_per_layer) != n:
+        raise ValueError("layers and experts_per_layer must have one entry per layer")
+    if len(set(trace.layers)) != n:
+        raise ValueError("layers must be unique")
+    for name in per_layer:
+        value = getattr(trace, name)
+        if isinstance(value, list) and len(value) != n:
+            raise ValueError(f"{name} must have one entry per layer")
 
 
 def _check_launches(launches: list[KernelLaunch], layers: list[int], experts: list[int]) -> None:
@@ -487,12 +490,7 @@ class TraceV1(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TraceV1:
-        if len(self.layers) != len(self.experts_per_layer):
-            raise ValueError("layers and experts_per_layer must have the same length")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError("layers must be unique")
-        if self.top_k is not None and len(self.top_k) != len(self.layers):
-            raise ValueError("top_k must have one entry per layer")
+        _check_layout(self, "top_k")
         _check_launches(self.launches, self.layers, self.experts_per_layer)
         return self
 
