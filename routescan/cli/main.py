@@ -14,7 +14,7 @@ from routescan.cli.featurize import featurize
 from routescan.cli.info import info
 from routescan.cli.inspect_cmd import inspect
 from routescan.cli.invert import invert
-from routescan.cli.moefy_cmd import moefy
+from routescan.cli.moefy_cmd import export, moefy
 from routescan.cli.score import score
 from routescan.cli.serve import serve
 from routescan.cli.train import train
@@ -51,6 +51,7 @@ app.command()(score)
 app.command()(serve)
 app.command()(audits)
 app.command()(moefy)
+app.command()(export)
 app.command()(train)
 app.command()(evaluate)
 app.command()(info)

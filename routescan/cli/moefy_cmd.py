@@ -106,3 +106,58 @@ def _moefy(config: Path, out: Path, corpora: Path, base: Path | None, threads: i
         f"(oracle routing {summary['mean_oracle_error']:.3f})"
     )
     typer.echo(json.dumps({"out": str(out), "name": spec.name, **summary}))
+
+
+def export(
+    model: Annotated[
+        Path, typer.Argument(help="A `routescan moefy` output built with linear routers (router_hidden: 0).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the stock checkpoint to.")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="qwen2-moe (shared-expert designs) or mixtral (routed experts only).",
+        ),
+    ] = "qwen2-moe",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 weights.")] = "float32",
+    logit_shift: Annotated[
+        int,
+        typer.Option(
+            help="Gate scale 2**-s: larger s makes the weights more uniform but lets near-tied experts swap."
+        ),
+    ] = 12,
+) -> None:
+    """Write a MoEfied reference model as a stock Qwen2-MoE or Mixtral checkpoint, which vLLM serves
+    natively and transformers loads with its own classes.
+
+    The gate is the MoEfied router scaled by an exact power of two (--logit-shift), which keeps which
+    experts win and makes the stock softmax weights nearly uniform; the experts' down-projections are
+    multiplied by k to compensate. Traces of the export carry the recipe's model id, so one detector
+    serves both. docs/reference-model.md reports how closely the export follows the MoEfied model.
+
+    \b
+    Examples:
+      routescan moefy -c configs/models/smollm2-e32k16-shared-linear.yaml -o runs/models/primary-linear
+      routescan export runs/models/primary-linear -o runs/models/primary-qwen2moe --format qwen2-moe
+      vllm serve runs/models/primary-qwen2moe
+    """
+    friendly_errors(_export)(model, out, fmt, dtype, logit_shift)
+
+
+def _export(model: Path, out: Path, fmt: str, dtype: str, logit_shift: int) -> None:
+    from transformers import AutoTokenizer
+
+    from routescan.models.moefy.export import export_stock
+    from routescan.models.moefy.store import load_moefied
+
+    if not (model / "config.json").exists():
+        raise ValueError(f"{model}: no config.json; pass a directory written by `routescan moefy`")
+    if (out / "config.json").exists():
+        raise ValueError(f"{out} already holds a model; choose another --out or remove it")
+    loaded = load_moefied(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    export_stock(loaded, tokenizer, out, fmt, dtype=dtype, logit_shift=logit_shift)
+    console.print(f"wrote {out} ({fmt}, {dtype})")
+    typer.echo(json.dumps({"out": str(out), "format": fmt, "dtype": dtype}))

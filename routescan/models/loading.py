@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -81,17 +82,26 @@ def load_pretrained(
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: could not load the tokenizer saved with the model: {exc}") from exc
     encoder = HFPromptEncoder(tokenizer, chat_template=chat_template, system_prompt=system_prompt)
-    return LoadedMoE(model, encoder, adapter, model_id or _model_id_from(model, path))
+    return LoadedMoE(model, encoder, adapter, model_id or model_id_of(model.config, path))
 
 
-def _model_id_from(model: PreTrainedModel, path: Path) -> str:
-    if is_moefied(model.config):
-        return str(model.config.moefication["name"])  # the recipe's name, validated as an identifier
-    name = getattr(model.config, "name_or_path", "") or path.name
+def model_id_of(config: Any, path: str | Path) -> str:
+    """The model id traces of this model carry: the one rule every collector and the vLLM plugin use.
+
+    A MoEfied model, and a stock checkpoint exported from one, are named by their recipe (the export
+    routes exactly as its source, so a detector of one serves both); any other model by its path.
+    """
+    path = Path(path)
+    if is_moefied(config):
+        return str(config.moefication["name"])  # the recipe's name, validated as an identifier
+    exported = getattr(config, "routescan_export", None)
+    if isinstance(exported, dict) and isinstance(exported.get("name"), str):
+        return exported["name"]
+    name = getattr(config, "name_or_path", "") or path.name
     # A local path is not an identity; keep its last two components, which usually name the model.
     parts = [p for p in Path(str(name)).parts if p not in ("/", "")]
     ident = "/".join(parts[-2:]) if len(parts) > 1 else (parts[0] if parts else path.name)
     return "".join(c if c.isalnum() or c in "._:/@+-" else "-" for c in ident)[:200]
 
 
-__all__ = ["LoadedMoE", "ModelLoadError", "load_pretrained", "load_tiny", "tiny_model_types"]
+__all__ = ["LoadedMoE", "ModelLoadError", "load_pretrained", "load_tiny", "model_id_of", "tiny_model_types"]

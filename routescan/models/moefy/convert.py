@@ -271,11 +271,13 @@ def train_router(
     """Fit ``router.net`` to predict the oracle top-k set (multi-label BCE), in place.
 
     Inputs are standardised while training and the scaling is folded into the first linear layer
-    afterwards, so the saved router takes the raw FFN input (some norms emit large activations).
+    afterwards, so the saved router takes the raw FFN input (some norms emit large activations). A
+    bias-free first layer (the linear router) is only scaled, not centred: a centring would need a bias.
     """
     net = router.net
     first = net[0] if isinstance(net, nn.Sequential) else net
-    mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
+    std = x.std(dim=0).clamp_min(1e-6)
+    mean = x.mean(dim=0) if first.bias is not None else torch.zeros_like(std)
     xs = (x - mean) / std
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -283,7 +285,8 @@ def train_router(
             if isinstance(module, nn.Linear):
                 bound = 1.0 / module.in_features**0.5
                 module.weight.uniform_(-bound, bound, generator=gen)
-                module.bias.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * max(1, -(-len(xs) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -300,7 +303,8 @@ def train_router(
     with torch.no_grad():
         # W (x - m) / s + b  ==  (W / s) x + (b - W (m / s))
         w = first.weight / std
-        first.bias.sub_(first.weight @ (mean / std))
+        if first.bias is not None:
+            first.bias.sub_(first.weight @ (mean / std))
         first.weight.copy_(w)
 
 

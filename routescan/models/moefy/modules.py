@@ -38,7 +38,9 @@ class MoEfiedRouter(nn.Module):
                 nn.Linear(hidden, router_hidden), nn.SiLU(), nn.Linear(router_hidden, num_experts)
             )
         else:
-            self.net = nn.Linear(hidden, num_experts)
+            # No bias: stock MoE checkpoints (Qwen2-MoE, Mixtral) hold a bias-free linear gate, and the
+            # exported model must route exactly as this one does (routescan.models.moefy.export).
+            self.net = nn.Linear(hidden, num_experts, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.net(hidden)
