@@ -211,7 +211,8 @@ def export_stock(
     """
     if dtype not in _DTYPES:
         raise ConversionError(
-            f"dtype {dtype!r}: choose float32 or bfloat16 (float16 cannot keep the order of the near-uniform gate probabilities)"
+            f"dtype {dtype!r}: choose float32 or bfloat16 (float16 cannot keep the order of the "
+            "near-uniform gate probabilities)"
         )
     if not 0 <= logit_shift <= 64:
         raise ConversionError("logit_shift must be in 0..64")
