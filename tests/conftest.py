@@ -7,6 +7,7 @@ import functools
 import pytest
 
 from routescan.models.loading import LoadedMoE, load_tiny
+from routescan.models.tokenizer import save_word_tokenizer  # noqa: F401  (tests import it from here)
 from routescan.telemetry.registry import load_launch_model
 
 
@@ -81,25 +82,6 @@ def test_detector(synthetic_traces):
         update={"operating_points": [*det.card.operating_points, OperatingPoint(name="all", threshold=0.0)]}
     )
     return Detector(det.estimator, card)
-
-
-def save_word_tokenizer(path) -> None:
-    """A small word-level tokenizer with a chat template, saved next to a test model (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(100)]
-    words += ["tell", "me", "about", "topic", "please", "hello", "bye", "request", "number"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    fast.save_pretrained(path)
 
 
 def _postgres_required() -> bool:

@@ -1,46 +1,37 @@
 """The sidecar agent: per-request prefill telemetry from inside a serving process to `routescan serve`.
 
-Configured by environment variables (the vLLM plugin reads them in each worker):
-
-- ``ROUTESCAN_DAEMON``: ``unix:///run/routescan/routescan.sock`` (default) or ``http://127.0.0.1:8787``
-- ``ROUTESCAN_SAMPLING``: share of requests traced, 0..1 (default 1)
-- ``ROUTESCAN_SPOOL``: spool file while the daemon is down (default ``spool.jsonl`` in the serving
-  user's state directory, e.g. ``~/.local/state/routescan/``; created 0600 in a 0700 directory)
-- ``ROUTESCAN_MODEL_ID``: model id written into traces (must match the detector's)
-- ``ROUTESCAN_API_TOKEN``: bearer token, when the daemon listens on TCP beyond loopback
+Configured by ``ROUTESCAN_*`` environment variables (:class:`routescan.agent.settings.AgentSettings`;
+the vLLM plugin reads them in each worker): ``ROUTESCAN_DAEMON``, ``ROUTESCAN_SAMPLING``,
+``ROUTESCAN_SPOOL``, ``ROUTESCAN_MODEL_ID``, ``ROUTESCAN_API_TOKEN``, ``ROUTESCAN_TRACE_FILE``,
+``ROUTESCAN_AGENT``. docs/deploy.md says what each does.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from routescan.agent.agent import RouteScanAgent, Span, packed_spans, padded_spans
 from routescan.agent.sender import SenderCounters, TraceSender, default_spool_path
+from routescan.agent.settings import AgentSettings, agent_settings
 
 
-def sender_from_env() -> TraceSender:
-    env = os.environ
+def sender_from_env(settings: AgentSettings | None = None) -> TraceSender:
+    settings = settings or agent_settings()
     return TraceSender(
-        env.get("ROUTESCAN_DAEMON", "unix:///run/routescan/routescan.sock"),
-        spool=env.get("ROUTESCAN_SPOOL") or default_spool_path(),
-        token=env.get("ROUTESCAN_API_TOKEN"),
+        settings.daemon,
+        spool=settings.spool or default_spool_path(),
+        token=settings.api_token,
+        trace_file=settings.trace_file,
+        queue_size=settings.queue_size,
     )
 
 
 def agent_from_env(model: torch.nn.Module, *, model_id: str | None = None) -> RouteScanAgent:
-    env = os.environ
-    sender = sender_from_env()
-    ident = model_id or env.get("ROUTESCAN_MODEL_ID")
+    settings = agent_settings()
+    ident = model_id or settings.model_id
     if not ident:
         raise ValueError("set ROUTESCAN_MODEL_ID to the model id the daemon's detector was trained on")
-    return RouteScanAgent(
-        model,
-        sender,
-        model_id=ident,
-        sampling=float(env.get("ROUTESCAN_SAMPLING", "1")),
-    )
+    return RouteScanAgent(model, sender_from_env(settings), model_id=ident, sampling=settings.sampling)
 
 
 __all__ = [

@@ -28,18 +28,25 @@ import torch
 
 from routescan.agent.sender import TraceSender
 from routescan.models.adapters import RoutingRecorder, get_adapter
-from routescan.telemetry.collector import layer_shapes, routing_trace, step_counts
+from routescan.telemetry.collector import LayerShape, layer_shapes, routing_trace, step_counts
 from routescan.telemetry.schema import RequestTrace
 
 
 @dataclass(frozen=True)
 class Span:
-    """Rows ``[start, start + length)`` of a step's flattened tokens belong to ``request_id``."""
+    """Rows ``[start, start + length)`` of a step's flattened tokens belong to ``request_id``.
+
+    A prompt prefilled in chunks (vLLM's chunked prefill) has one span per step: ``first`` marks the
+    chunk that starts at prompt position 0 and ``last`` the one that ends the prompt. Counts are
+    summed over a request's chunks and its trace is queued when the last one closes.
+    """
 
     request_id: str
     start: int
     length: int
     labels: tuple[tuple[str, Any], ...] = ()
+    first: bool = True
+    last: bool = True
 
 
 def padded_spans(request_ids: Sequence[str], lengths: Sequence[int], width: int) -> list[Span]:
@@ -56,8 +63,95 @@ def packed_spans(request_ids: Sequence[str], lengths: Sequence[int]) -> list[Spa
     return out
 
 
+def sampled(request_id: str, sampling: float) -> bool:
+    """Deterministic per request id, so every process of a deployment agrees."""
+    if sampling >= 1.0:
+        return True
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < sampling
+
+
+@dataclass
+class _Open:
+    counts: np.ndarray
+    tokens: int
+    labels: tuple[tuple[str, Any], ...]
+
+
+class PrefillTraces:
+    """The one path from a step's per-request counts to queued traces, shared by every agent
+    (transformers' :class:`RouteScanAgent`, the vLLM plugin): chunk sums, sampling, the trace build.
+
+    Not thread-safe: one serving thread feeds it.
+    """
+
+    def __init__(
+        self,
+        sender: TraceSender,
+        shapes: Sequence[LayerShape],
+        *,
+        model_id: str,
+        collector: str,
+        sampling: float = 1.0,
+        experts_implementation: str | None = None,
+        max_open: int = 4096,
+    ) -> None:
+        if not 0.0 <= sampling <= 1.0:
+            raise ValueError("sampling must be in [0, 1]")
+        self.sender = sender
+        self.shapes = list(shapes)
+        self.model_id = model_id
+        self.collector = collector
+        self.sampling = sampling
+        self.experts_implementation = experts_implementation
+        self.max_open = max_open
+        self._open: dict[str, _Open] = {}
+        self.incomplete = 0  # chunks of prompts whose start was never seen (a prefix-cache hit, a restart)
+
+    def keep(self, spans: Sequence[Span]) -> list[Span]:
+        """The spans to count: sampled requests, and later chunks of prompts already open."""
+        return [s for s in spans if sampled(s.request_id, self.sampling)]
+
+    def add(self, spans: Sequence[Span], counts: Sequence[np.ndarray]) -> None:
+        """One step's routed counts per span (flat, layer-major); queues the traces of prompts that end."""
+        for span, c in zip(spans, counts, strict=True):
+            if span.first:
+                if len(self._open) >= self.max_open:
+                    # prompts whose last chunk never came (aborted requests): drop the oldest
+                    self._open.pop(next(iter(self._open)))
+                state = self._open[span.request_id] = _Open(np.array(c, dtype=np.int64), 0, span.labels)
+            else:
+                state = self._open.get(span.request_id)
+                if state is None:
+                    # the prompt's first tokens were never counted here: a trace of the rest would be
+                    # a different prompt's fingerprint, so none is sent (counted, logged by callers)
+                    self.incomplete += 1
+                    continue
+                state.counts += c
+            state.tokens += span.length
+            if span.last:
+                del self._open[span.request_id]
+                self.sender.submit(self._builder(span.request_id, state))
+
+    def _builder(self, request_id: str, state: _Open) -> Callable[[], RequestTrace]:
+        def build() -> RequestTrace:
+            return routing_trace(
+                self.model_id,
+                self.shapes,
+                state.counts,
+                state.tokens,
+                trace_id=request_id,
+                collector=self.collector,
+                labels=dict(state.labels),
+                experts_implementation=self.experts_implementation,
+            )
+
+        return build
+
+
 class RouteScanAgent:
-    """Per-request prefill traces (trace/2) from a model's routing, shipped by a :class:`TraceSender`.
+    """Per-request prefill traces (trace/2) from a transformers model's routing, shipped by a
+    :class:`TraceSender`.
 
     One forward thread per agent: the router hooks record into the agent's one recorder while a
     step is open. The trace carries routed token counts; the daemon's detector derives whatever
@@ -74,15 +168,22 @@ class RouteScanAgent:
         model_id: str,
         sampling: float = 1.0,
     ) -> None:
-        if not 0.0 <= sampling <= 1.0:
-            raise ValueError("sampling must be in [0, 1]")
         self.adapter = get_adapter(model)
+        self.traces = PrefillTraces(
+            sender,
+            layer_shapes(self.adapter),
+            model_id=model_id,
+            collector=self.collector,
+            sampling=sampling,
+            experts_implementation=self.adapter.experts_implementation,
+        )
         self.sender = sender
-        self.sampling = sampling
-        self.model_id = model_id
-        self._shapes = layer_shapes(self.adapter)
         self._recorder = RoutingRecorder(self.adapter, enabled=False)
         self._handles = self._recorder.attach()
+
+    @property
+    def sampling(self) -> float:
+        return self.traces.sampling
 
     def close(self) -> None:
         for h in self._handles:
@@ -90,16 +191,12 @@ class RouteScanAgent:
         self._handles.clear()
 
     def sampled(self, request_id: str) -> bool:
-        """Deterministic per request id, so every process of a deployment agrees."""
-        if self.sampling >= 1.0:
-            return True
-        digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64 < self.sampling
+        return sampled(request_id, self.traces.sampling)
 
     @contextmanager
     def step(self, spans: Sequence[Span]) -> Iterator[None]:
         """Bracket one prefill forward step; its requests' traces are queued when it closes."""
-        spans = [s for s in spans if self.sampled(s.request_id)]
+        spans = self.traces.keep(spans)
         recorder = self._recorder
         recorder.clear()
         recorder.enabled = bool(spans)
@@ -113,21 +210,5 @@ class RouteScanAgent:
         recorder.clear()
         if not selections:
             return
-        per_request = step_counts(selections, [(s.start, s.length) for s in spans], self._shapes)
-        for span, counts in zip(spans, per_request, strict=True):
-            self.sender.submit(self._builder(span, counts))
-
-    def _builder(self, span: Span, counts: np.ndarray) -> Callable[[], RequestTrace]:
-        def build() -> RequestTrace:
-            return routing_trace(
-                self.model_id,
-                self._shapes,
-                counts,
-                span.length,
-                trace_id=span.request_id,
-                collector=self.collector,
-                labels=dict(span.labels),
-                experts_implementation=self.adapter.experts_implementation,
-            )
-
-        return build
+        counts = step_counts(selections, [(s.start, s.length) for s in spans], self.traces.shapes)
+        self.traces.add(spans, counts)

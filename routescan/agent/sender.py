@@ -108,6 +108,7 @@ class TraceSender:
         retry_interval_s: float = 1.0,
         timeout_s: float = 5.0,
         token: str | None = None,
+        trace_file: str | Path | None = None,
     ) -> None:
         self.target = target
         self.spool = Path(spool)
@@ -118,6 +119,14 @@ class TraceSender:
         self.retry_interval_s = retry_interval_s
         self.counters = SenderCounters()
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
+        # an optional copy of every trace on the serving host's disk (ROUTESCAN_TRACE_FILE): the same
+        # JSONL trace file `routescan collect` writes, for collecting from live traffic
+        self._tee = None
+        if trace_file is not None:
+            path = Path(trace_file)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SPOOL_MODE)
+            self._tee = os.fdopen(fd, "a", encoding="utf-8")
         self._client, self._base = _client(target, token, timeout_s)
         self._stop = threading.Event()
         self._down_until = 0.0
@@ -139,6 +148,8 @@ class TraceSender:
         self._stop.set()
         self._thread.join(timeout=timeout_s)
         self._client.close()
+        if self._tee is not None:
+            self._tee.close()
 
     def pending_spool(self) -> int:
         """Traces waiting on disk: the spool plus a replay the daemon interrupted."""
@@ -181,6 +192,11 @@ class TraceSender:
                 items.append(packb(trace_payload(trace)))
             except Exception:  # a bad trace must not kill the sender; counted, visible in metrics
                 self.counters.build_errors += 1
+                continue
+            if self._tee is not None:
+                self._tee.write(trace_json(trace) + "\n")
+        if self._tee is not None and items:
+            self._tee.flush()
         return items
 
     def _down(self) -> bool:

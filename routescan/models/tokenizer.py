@@ -56,3 +56,28 @@ class HFPromptEncoder:
                 ids = ids["input_ids"]
             return [int(i) for i in ids]
         return [int(i) for i in self.tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+WORDS: tuple[str, ...] = (
+    ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>")
+    + tuple(f"w{i}" for i in range(100))
+    + ("tell", "me", "about", "topic", "please", "hello", "bye", "request", "number")
+)
+
+
+def save_word_tokenizer(path: Any) -> None:
+    """A small word-level tokenizer with a chat template, saved beside a test model (no download):
+    the tokenizer of the tiny stock checkpoints (routescan.models.stock) and of the test models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    fast.save_pretrained(path)

@@ -67,6 +67,21 @@ def layer_shapes(adapter: MoEAdapter) -> list[LayerShape]:
     ]
 
 
+def config_layer_shapes(config: Any) -> list[LayerShape]:
+    """The layer layout of the model ``config`` (a transformers config) describes, found exactly as
+    :func:`layer_shapes` finds it on the loaded model: the model is built on the meta device (no
+    weights, no memory) and read by the adapter registry. A serving engine that holds only the config
+    (the vLLM plugin) gets the layout the transformers collector writes for the same checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from routescan.models.adapters import get_adapter
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return layer_shapes(get_adapter(model))
+
+
 def routed_counts(
     selections: Mapping[int, torch.Tensor], start: int, length: int, shapes: Sequence[LayerShape]
 ) -> np.ndarray:
@@ -93,15 +108,7 @@ def step_counts(
         if int(low) < 0 or int(high) >= width:
             # an id past the width would land in the next layer's counts
             raise ValueError(f"a router selected an expert outside 0..{width - 1}")
-        # one bincount for the whole step: key = request x (layer, expert); rows of no span go last
-        owner = torch.full((stacked.shape[1],), len(spans), dtype=torch.int32, device=stacked.device)
-        for index, (start, length) in enumerate(spans):
-            owner[start : start + length] = index
-        size = len(shapes) * width
-        layer = torch.arange(len(shapes), dtype=torch.int32, device=stacked.device).view(-1, 1, 1) * width
-        key = (owner.view(1, -1, 1) * size + layer + stacked).reshape(-1)
-        counts = torch.bincount(key, minlength=(len(spans) + 1) * size)[: len(spans) * size]
-        return list(counts.view(len(spans), size).cpu().numpy())
+        return list(span_counts(stacked, spans, width).cpu().numpy())
     out = []
     for start, length in spans:
         parts = [
@@ -110,6 +117,25 @@ def step_counts(
         ]
         out.append(torch.cat(parts).cpu().numpy())
     return out
+
+
+def span_counts(stacked: torch.Tensor, spans: Sequence[tuple[int, int]], width: int) -> torch.Tensor:
+    """``[spans, layers * width]`` routed counts of ``stacked`` (``[layers, tokens, k]`` expert ids,
+    each in ``0..width-1``) for each ``(start, length)`` row span: one bincount keyed by
+    (span, layer, expert). Device work only, no host synchronisation, so a serving engine can call it
+    on its forward path and copy the small result off the device asynchronously."""
+    import torch
+
+    layers, tokens, _ = stacked.shape
+    # rows of no span go to a last, discarded key range
+    owner = torch.full((tokens,), len(spans), dtype=torch.int32, device=stacked.device)
+    for index, (start, length) in enumerate(spans):
+        owner[start : start + length] = index
+    size = layers * width
+    layer = torch.arange(layers, dtype=torch.int32, device=stacked.device).view(-1, 1, 1) * width
+    key = (owner.view(1, -1, 1) * size + layer + stacked.to(torch.int32)).reshape(-1)
+    counts = torch.bincount(key, minlength=(len(spans) + 1) * size)[: len(spans) * size]
+    return counts.view(len(spans), size)
 
 
 def routing_trace(
