@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from servers import free_port
 
@@ -210,13 +211,61 @@ def test_sidecar_end_to_end_with_a_daemon_restart(tmp_path: Path) -> None:
         server.wait(timeout=10)
 
 
-def test_vllm_plugin_is_idempotent_and_inert_without_vllm(monkeypatch) -> None:
+def test_vllm_wrapper_wraps_once_and_never_breaks_the_step() -> None:
     from routescan.agent import vllm_plugin
 
-    monkeypatch.setattr(vllm_plugin, "_REGISTERED", False)
-    vllm_plugin.register()
-    vllm_plugin.register()  # vLLM may call it in every process, more than once
-    assert vllm_plugin._REGISTERED
+    class Runner:
+        calls = 0
+
+        def _model_forward(self, x):
+            Runner.calls += 1
+            return x * 2
+
+    vllm_plugin.wrap_model_forward(Runner)
+    wrapped = Runner._model_forward
+    vllm_plugin.wrap_model_forward(Runner)  # vLLM may load the plugin more than once per process
+    assert Runner._model_forward is wrapped
+    runner = Runner()
+    # no vLLM in this venv: attaching fails once, is logged, and the model still runs every step
+    assert runner._model_forward(3) == 6 and runner._model_forward(4) == 8
+    assert Runner.calls == 2 and runner.__dict__[vllm_plugin._AGENT_ATTR] is None
+
+    class Failing:
+        def after_forward(self, runner):
+            raise RuntimeError("a telemetry bug")
+
+    other = Runner()
+    other.__dict__[vllm_plugin._AGENT_ATTR] = Failing()
+    assert other._model_forward(5) == 10  # the step's output is returned; tracing turns itself off
+    assert other.__dict__[vllm_plugin._AGENT_ATTR] is None
+
+
+def test_prefill_chunks_are_summed_into_one_trace_per_request(tmp_path) -> None:
+    from routescan.agent.agent import PrefillTraces, Span
+    from routescan.telemetry.collector import LayerShape
+    from routescan.telemetry.schema import LayerDims
+
+    class Sink:
+        def __init__(self):
+            self.items = []
+
+        def submit(self, item):
+            self.items.append(item)
+
+    shapes = [LayerShape(layer, 4, 2, LayerDims(H=8, I=4)) for layer in (1, 3)]
+    sink = Sink()
+    traces = PrefillTraces(sink, shapes, model_id="m", collector="vllm-agent")  # type: ignore[arg-type]
+    row = np.array([1, 1, 0, 0, 0, 1, 1, 0])  # one token's two slots in each of two layers
+    # step 1: a's first chunk (3 tokens) and b whole (1 token); step 2: a's last chunk (2 tokens)
+    traces.add([Span("a", 0, 3, last=False), Span("b", 3, 1)], [row * 3, row])
+    assert len(sink.items) == 1
+    traces.add([Span("a", 0, 2, first=False)], [row * 2])
+    # a chunk of a prompt whose start was never seen (a prefix-cache hit) gives no trace
+    traces.add([Span("c", 0, 2, first=False)], [row * 2])
+    built = {t.trace_id: t for t in (item() for item in sink.items)}
+    assert set(built) == {"a", "b"} and traces.incomplete == 1
+    assert built["a"].prompt_tokens == 5 and built["a"].counts.flat.tolist() == (row * 5).tolist()
+    assert built["a"].layers == [1, 3] and built["b"].prompt_tokens == 1
 
 
 def test_vllm_plugin_imports_where_vllm_is_installed() -> None:

@@ -43,7 +43,10 @@ def default_vllm_venv() -> Path:
     """Where scripts/vllm_venv.sh builds (or finds) the vLLM venv: outside any clone, reused."""
     from platformdirs import user_cache_dir
 
-    return Path(os.environ.get("ROUTESCAN_VLLM_VENV") or Path(user_cache_dir("routescan")) / f"vllm-venv-{VLLM_VERSION}")
+    return Path(
+        os.environ.get("ROUTESCAN_VLLM_VENV")
+        or Path(user_cache_dir("routescan")) / f"vllm-venv-{VLLM_VERSION}"
+    )
 
 
 @dataclass
@@ -77,6 +80,7 @@ class E2EReport:
     counts_entries_equal: float = 0.0  # share of (request, layer, expert) entries equal
     max_slot_mismatch: float = 0.0  # worst request: share of its routed slots that differ
     seconds: dict[str, float] = field(default_factory=dict)
+    spooled_while_down: int = 0  # traces on the agent's spool before the daemon came back
     spool_replayed: bool = False
 
     @property
@@ -101,6 +105,7 @@ class E2EReport:
             "counts_entries_equal": round(self.counts_entries_equal, 6),
             "max_slot_mismatch": round(self.max_slot_mismatch, 6),
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "spooled_while_down": self.spooled_while_down,
             "spool_replayed": self.spool_replayed,
         }
 
@@ -174,7 +179,9 @@ def _wait(check: Callable[[], bool], timeout_s: float, what: str, proc: _Process
         except (httpx.HTTPError, OSError, ValueError):
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{what}: not done within {timeout_s:.0f} s" + (f"; see {proc.log_path}" if proc else ""))
+    raise TimeoutError(
+        f"{what}: not done within {timeout_s:.0f} s" + (f"; see {proc.log_path}" if proc else "")
+    )
 
 
 def _routescan_argv() -> list[str]:
@@ -284,7 +291,9 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         report.long_prompt_tokens = wave1[-1][1]
         ids1 = [r for r, _ in wave1]
         _wait(
-            lambda: {_owner(t.trace_id, ids1) for t in _read_traces(cfg.workdir / "traces.jsonl")} >= set(ids1),
+            lambda: (
+                {_owner(t.trace_id, ids1) for t in _read_traces(cfg.workdir / "traces.jsonl")} >= set(ids1)
+            ),
             cfg.drain_timeout_s,
             "traces of wave 1",
         )
@@ -295,6 +304,16 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         report.seconds["wave2_daemon_down"] = time.monotonic() - t0
         if not server.alive():
             raise RuntimeError(f"vLLM died while the daemon was down; see {server.log_path}")
+        spool = cfg.workdir / "spool.jsonl"
+
+        def spooled() -> int:
+            return sum(1 for line in spool.open("rb") if line.strip()) if spool.exists() else 0
+
+        try:
+            _wait(lambda: spooled() >= len(wave2), 30, "the agent's spool")
+        except TimeoutError:
+            pass  # reported below as fewer spooled traces than requests
+        report.spooled_while_down = spooled()
         daemon.stop()
         daemon = _start_daemon(cfg, sock, db)
         answered = wave1 + wave2
@@ -308,7 +327,9 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
             return Counter(_owner(r["trace_id"], ids) for r in rows)
 
         t0 = time.monotonic()
-        _wait(lambda: all(audited()[r] >= 1 for r in ids), cfg.drain_timeout_s, "spool replay into the daemon")
+        _wait(
+            lambda: all(audited()[r] >= 1 for r in ids), cfg.drain_timeout_s, "spool replay into the daemon"
+        )
         report.seconds["replay"] = time.monotonic() - t0
         time.sleep(2.0)  # anything still in flight would show as a duplicate now
         seen = audited()
@@ -354,7 +375,9 @@ def _compare_counts(
         equal_entries += int((got == expected).sum())
         total_entries += got.size
         slots = max(int(expected.sum()), 1)
-        report.max_slot_mismatch = max(report.max_slot_mismatch, float(np.abs(got - expected).sum()) / 2 / slots)
+        report.max_slot_mismatch = max(
+            report.max_slot_mismatch, float(np.abs(got - expected).sum()) / 2 / slots
+        )
     report.counts_entries_equal = equal_entries / max(total_entries, 1)
 
 

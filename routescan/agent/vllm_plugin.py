@@ -45,8 +45,6 @@ import threading
 from collections import deque
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger("routescan.vllm")
 _LOCK = threading.Lock()
 _PATCHED_ATTR = "_routescan_wrapped"
@@ -221,9 +219,7 @@ class VllmCapture:
                 continue  # decoding
             length = min(scheduled, remaining)
             spans.append(
-                Span(
-                    request_id, int(starts[i]), length, first=position == 0, last=length == remaining
-                )
+                Span(request_id, int(starts[i]), length, first=position == 0, last=length == remaining)
             )
         return spans
 
