@@ -20,6 +20,7 @@ Prompt texts stay in this process: nothing here prints or stores them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -309,10 +310,8 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         def spooled() -> int:
             return sum(1 for line in spool.open("rb") if line.strip()) if spool.exists() else 0
 
-        try:
+        with contextlib.suppress(TimeoutError):  # reported as fewer spooled traces than requests
             _wait(lambda: spooled() >= len(wave2), 30, "the agent's spool")
-        except TimeoutError:
-            pass  # reported below as fewer spooled traces than requests
         report.spooled_while_down = spooled()
         daemon.stop()
         daemon = _start_daemon(cfg, sock, db)

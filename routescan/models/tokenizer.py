@@ -59,9 +59,9 @@ class HFPromptEncoder:
 
 
 WORDS: tuple[str, ...] = (
-    ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>")
-    + tuple(f"w{i}" for i in range(100))
-    + ("tell", "me", "about", "topic", "please", "hello", "bye", "request", "number")
+    *("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"),
+    *(f"w{i}" for i in range(100)),
+    *("tell", "me", "about", "topic", "please", "hello", "bye", "request", "number"),
 )
 
 
