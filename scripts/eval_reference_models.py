@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +35,7 @@ from routescan.models.moefy.convert import common_prefix  # noqa: E402
 from routescan.models.moefy.modules import MoEfiedMLP  # noqa: E402
 from routescan.models.moefy.sources import ResolvedBase, load_base  # noqa: E402
 from routescan.models.moefy.store import read_report  # noqa: E402
+from routescan.models.quality import lm_stats  # noqa: E402
 from routescan.telemetry.emulated import EmulatedCollector  # noqa: E402
 
 
@@ -44,23 +44,6 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(seqs), size):
         yield pad_batch(seqs[start : start + size], pad)
-
-
-@torch.inference_mode()
-def lm_stats(model, seqs, prefix: int, pad: int, batch: int = 16) -> tuple[float, list[torch.Tensor]]:
-    """Perplexity over the non-template tokens, and each sequence's greedy predictions at those tokens."""
-    nll, count, preds = 0.0, 0, []
-    for ids, att in batches(seqs, batch, pad):
-        logits = model(input_ids=ids, attention_mask=att).logits.float()
-        target = ids[:, 1:]
-        mask = att[:, 1:].bool()
-        mask[:, : max(prefix - 1, 0)] = False
-        lp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        nll -= float(lp[mask].sum())
-        count += int(mask.sum())
-        top = logits[:, :-1].argmax(-1)
-        preds.extend(top[i][mask[i]] for i in range(len(ids)))
-    return math.exp(nll / count), preds
 
 
 @contextmanager

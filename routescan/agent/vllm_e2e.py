@@ -189,7 +189,8 @@ def _routescan_argv() -> list[str]:
     return [sys.executable, "-c", "from routescan.cli.main import app; app()"]
 
 
-def _start_daemon(cfg: E2EConfig, sock: Path, db: Path) -> _Process:
+def start_daemon(cfg: E2EConfig, sock: Path, db: Path) -> _Process:
+    """``routescan serve`` on the Unix socket ``sock``; returns once ``/readyz`` answers."""
     env = {**os.environ, "ROUTESCAN_NO_PROGRESS": "1"}
     argv = [*_routescan_argv(), "serve", "--uds", str(sock), "--detector", str(cfg.detector), "--db", str(db)]
     daemon = _Process(argv, cfg.workdir / "daemon.log", env)
@@ -203,14 +204,20 @@ def _start_daemon(cfg: E2EConfig, sock: Path, db: Path) -> _Process:
     return daemon
 
 
-def _start_vllm(cfg: E2EConfig, sock: Path) -> _Process:
+def start_vllm(
+    cfg: E2EConfig, sock: Path, *, port: int | None = None, agent: bool = True, name: str = "vllm"
+) -> _Process:
+    """vLLM's OpenAI server on loopback with ``cfg``'s engine settings, the plugin on or off
+    (``ROUTESCAN_AGENT=0``); returns once ``/health`` answers."""
+    port = cfg.port if port is None else port
     env = {
         **os.environ,
         "VLLM_PLUGINS": "routescan",
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "ROUTESCAN_AGENT": "1" if agent else "0",
         "ROUTESCAN_DAEMON": f"unix://{sock}",
-        "ROUTESCAN_SPOOL": str(cfg.workdir / "spool.jsonl"),
-        "ROUTESCAN_TRACE_FILE": str(cfg.workdir / "traces.jsonl"),
+        "ROUTESCAN_SPOOL": str(cfg.workdir / f"{name}.spool.jsonl"),
+        "ROUTESCAN_TRACE_FILE": str(cfg.workdir / f"{name}.traces.jsonl"),
     }
     argv = [
         str(cfg.vllm_python),
@@ -221,7 +228,7 @@ def _start_vllm(cfg: E2EConfig, sock: Path) -> _Process:
         "--host",
         "127.0.0.1",
         "--port",
-        str(cfg.port),
+        str(port),
         "--dtype",
         cfg.dtype,
         "--enforce-eager",
@@ -235,17 +242,18 @@ def _start_vllm(cfg: E2EConfig, sock: Path) -> _Process:
         "0.15",
         *cfg.extra_vllm_args,
     ]
-    server = _Process(argv, cfg.workdir / "vllm.log", env)
+    server = _Process(argv, cfg.workdir / f"{name}.log", env)
     _wait(
-        lambda: httpx.get(f"http://127.0.0.1:{cfg.port}/health", timeout=2).status_code == 200,
+        lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200,
         cfg.startup_timeout_s,
-        "vLLM server",
+        f"vLLM server ({name})",
         server,
     )
     return server
 
 
-def _chat(port: int, model: str, text: str, max_tokens: int) -> tuple[str, int]:
+def chat(port: int, model: str, text: str, max_tokens: int) -> tuple[str, int]:
+    """One chat completion; returns the response id and the prompt tokens vLLM counted."""
     resp = httpx.post(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens},
@@ -258,7 +266,7 @@ def _chat(port: int, model: str, text: str, max_tokens: int) -> tuple[str, int]:
 
 def _wave(cfg: E2EConfig, texts: Sequence[str]) -> list[tuple[str, int]]:
     with ThreadPoolExecutor(max_workers=len(texts)) as pool:
-        return list(pool.map(lambda t: _chat(cfg.port, str(cfg.model), t, cfg.max_tokens), texts))
+        return list(pool.map(lambda t: chat(cfg.port, str(cfg.model), t, cfg.max_tokens), texts))
 
 
 def _owner(trace_id: str, ids: Sequence[str]) -> str | None:
@@ -280,11 +288,11 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
     sock, db = cfg.workdir / "routescan.sock", cfg.workdir / "audit.db"
     report = E2EReport()
     started = time.monotonic()
-    daemon = _start_daemon(cfg, sock, db)
+    daemon = start_daemon(cfg, sock, db)
     server = None
     try:
         t0 = time.monotonic()
-        server = _start_vllm(cfg, sock)
+        server = start_vllm(cfg, sock)
         report.seconds["vllm_start"] = time.monotonic() - t0
         t0 = time.monotonic()
         texts = [*cfg.prompts, cfg.long_prompt]
@@ -293,7 +301,8 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         ids1 = [r for r, _ in wave1]
         _wait(
             lambda: (
-                {_owner(t.trace_id, ids1) for t in _read_traces(cfg.workdir / "traces.jsonl")} >= set(ids1)
+                {_owner(t.trace_id, ids1) for t in _read_traces(cfg.workdir / "vllm.traces.jsonl")}
+                >= set(ids1)
             ),
             cfg.drain_timeout_s,
             "traces of wave 1",
@@ -305,7 +314,7 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         report.seconds["wave2_daemon_down"] = time.monotonic() - t0
         if not server.alive():
             raise RuntimeError(f"vLLM died while the daemon was down; see {server.log_path}")
-        spool = cfg.workdir / "spool.jsonl"
+        spool = cfg.workdir / "vllm.spool.jsonl"
 
         def spooled() -> int:
             return sum(1 for line in spool.open("rb") if line.strip()) if spool.exists() else 0
@@ -314,7 +323,7 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
             _wait(lambda: spooled() >= len(wave2), 30, "the agent's spool")
         report.spooled_while_down = spooled()
         daemon.stop()
-        daemon = _start_daemon(cfg, sock, db)
+        daemon = start_daemon(cfg, sock, db)
         answered = wave1 + wave2
         report.requests = len(texts) + len(cfg.prompts)
         report.answered = len(answered)
@@ -333,8 +342,8 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         time.sleep(2.0)  # anything still in flight would show as a duplicate now
         seen = audited()
         report.audited = {r: seen.get(r, 0) for r in ids}
-        report.spool_replayed = not (cfg.workdir / "spool.jsonl").exists()
-        traces = _read_traces(cfg.workdir / "traces.jsonl")
+        report.spool_replayed = not (cfg.workdir / "vllm.spool.jsonl").exists()
+        traces = _read_traces(cfg.workdir / "vllm.traces.jsonl")
         written = Counter(_owner(t.trace_id, ids) for t in traces)
         report.written = {r: written.get(r, 0) for r in ids}
         _compare_counts(cfg, report, answered, [*texts, *cfg.prompts], traces)
@@ -384,4 +393,14 @@ def write_report(report: E2EReport, path: Path, extra: dict[str, Any]) -> None:
     path.write_text(json.dumps({**extra, **report.as_dict()}, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["VLLM_VERSION", "E2EConfig", "E2EReport", "default_vllm_venv", "plumbing_detector", "run_e2e"]
+__all__ = [
+    "VLLM_VERSION",
+    "E2EConfig",
+    "E2EReport",
+    "chat",
+    "default_vllm_venv",
+    "plumbing_detector",
+    "run_e2e",
+    "start_daemon",
+    "start_vllm",
+]
