@@ -134,3 +134,21 @@ def test_export_cli(tmp_path: Path) -> None:
     assert again.exit_code != 0 and "already holds a model" in again.output
     bad = CliRunner().invoke(app, ["export", str(src), "-o", str(tmp_path / "x"), "--format", "llama"])
     assert bad.exit_code != 0 and "unknown export format" in bad.output
+
+
+def test_collect_reads_the_export_in_the_dtype_it_is_served_in(tmp_path: Path) -> None:
+    from routescan.telemetry.io import read_traces
+
+    out = tmp_path / "qwen"
+    export_stock(load_moefied(moefied(tmp_path, num_experts=4, top_k=2, shared=16)), None, out, "qwen2-moe")
+    save_word_tokenizer(out)
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("id,prompt\na,w1 w2 w3\nb,tell me about topic w7\n", encoding="utf-8")
+    runner = CliRunner()
+    args = ["collect", "--model", str(out), "--prompts", str(prompts), "--no-chat-template"]
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "bf16.jsonl"), "--dtype", "bfloat16"])
+    assert ok.exit_code == 0, ok.output
+    traces = list(read_traces(tmp_path / "bf16.jsonl"))
+    assert [t.model_id for t in traces] == ["tiny-moefied"] * 2 and all(t.counts.flat.sum() for t in traces)
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x.jsonl"), "--dtype", "float16"])
+    assert bad.exit_code != 0 and "choose float32 or bfloat16" in bad.output

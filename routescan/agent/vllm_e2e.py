@@ -205,10 +205,17 @@ def start_daemon(cfg: E2EConfig, sock: Path, db: Path) -> _Process:
 
 
 def start_vllm(
-    cfg: E2EConfig, sock: Path, *, port: int | None = None, agent: bool = True, name: str = "vllm"
+    cfg: E2EConfig,
+    sock: Path,
+    *,
+    port: int | None = None,
+    agent: bool = True,
+    name: str = "vllm",
+    trace_file: bool = True,
 ) -> _Process:
     """vLLM's OpenAI server on loopback with ``cfg``'s engine settings, the plugin on or off
-    (``ROUTESCAN_AGENT=0``); returns once ``/health`` answers."""
+    (``ROUTESCAN_AGENT=0``), writing its traces to ``<workdir>/<name>.traces.jsonl`` too when
+    ``trace_file``; returns once ``/health`` answers."""
     port = cfg.port if port is None else port
     env = {
         **os.environ,
@@ -217,8 +224,9 @@ def start_vllm(
         "ROUTESCAN_AGENT": "1" if agent else "0",
         "ROUTESCAN_DAEMON": f"unix://{sock}",
         "ROUTESCAN_SPOOL": str(cfg.workdir / f"{name}.spool.jsonl"),
-        "ROUTESCAN_TRACE_FILE": str(cfg.workdir / f"{name}.traces.jsonl"),
     }
+    if trace_file:
+        env["ROUTESCAN_TRACE_FILE"] = str(cfg.workdir / f"{name}.traces.jsonl")
     argv = [
         str(cfg.vllm_python),
         "-m",

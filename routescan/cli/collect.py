@@ -144,6 +144,14 @@ def collect(
             envvar="ROUTESCAN_EXPERTS_IMPLEMENTATION",
         ),
     ] = "eager",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="float32 or bfloat16 for --model. Routing depends on it (rounding moves near-ties): "
+            "collect in the dtype the model is served in (docs/reference-model.md, stock checkpoints).",
+            envvar="ROUTESCAN_DTYPE",
+        ),
+    ] = "float32",
     collector: Annotated[
         str,
         typer.Option(
@@ -188,7 +196,7 @@ def collect(
         text_column=text_column, id_column=id_column, label_column=label_column, skip_empty=skip_empty,
         limit=limit, batch_size=batch_size, max_tokens=max_tokens, chat_template=chat_template,
         system_prompt=system_prompt, model_id=model_id, attach_launches=attach_launches,
-        experts_implementation=experts_implementation, collector=collector, resume=resume,
+        experts_implementation=experts_implementation, collector=collector, resume=resume, dtype=dtype,
     )  # fmt: skip
 
 
@@ -267,11 +275,17 @@ def _collect(**kw) -> None:
 
 def _load_model(kw: dict):
     # torch and transformers load here, not when the CLI starts
+    import torch
+
     from routescan.models.loading import load_pretrained, load_tiny
 
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if kw["dtype"] not in dtypes:
+        raise ValueError(f"--dtype {kw['dtype']!r}: choose float32 or bfloat16")
     if kw["model"] is not None:
         return load_pretrained(
             kw["model"],
+            dtype=dtypes[kw["dtype"]],
             experts_implementation=kw["experts_implementation"],
             chat_template=kw["chat_template"],
             system_prompt=kw["system_prompt"],
