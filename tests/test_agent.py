@@ -266,11 +266,3 @@ def test_prefill_chunks_are_summed_into_one_trace_per_request(tmp_path) -> None:
     assert set(built) == {"a", "b"} and traces.incomplete == 1
     assert built["a"].prompt_tokens == 5 and built["a"].counts.flat.tolist() == (row * 5).tolist()
     assert built["a"].layers == [1, 3] and built["b"].prompt_tokens == 1
-
-
-def test_vllm_plugin_imports_where_vllm_is_installed() -> None:
-    pytest.importorskip("vllm")
-    from importlib.metadata import entry_points
-
-    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "routescan"]
-    assert ep.load() is __import__("routescan.agent.vllm_plugin", fromlist=["register"]).register
