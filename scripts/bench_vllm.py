@@ -17,14 +17,20 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from routescan.agent.vllm_e2e import E2EConfig, chat, plumbing_detector, start_daemon, start_vllm
+from routescan.agent.vllm_e2e import (
+    E2EConfig,
+    chat,
+    ensure_vllm_venv,
+    plumbing_detector,
+    start_daemon,
+    start_vllm,
+)
 from routescan.corpus.unified import load_benign, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +62,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    python = (
-        subprocess.run(
-            ["bash", str(ROOT / "scripts" / "vllm_venv.sh")], check=True, capture_output=True, text=True
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    python = ensure_vllm_venv()
     rows = sample([r for r in load_benign(args.corpora) if not r.hard_negative], args.requests, args.seed)
     prompts = [r.text for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +73,7 @@ def main() -> None:
             workdir=work,
             prompts=prompts,
             long_prompt="",
-            vllm_python=Path(python),
+            vllm_python=python,
             max_num_batched_tokens=args.max_num_batched_tokens,
         )
         sock = work / "routescan.sock"

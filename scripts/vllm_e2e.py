@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from routescan.agent.vllm_e2e import VLLM_VERSION, E2EConfig, plumbing_detector, run_e2e
+from routescan.agent.vllm_e2e import VLLM_VERSION, E2EConfig, ensure_vllm_venv, plumbing_detector, run_e2e
 from routescan.corpus.unified import load_benign, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "vllm-e2e.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    python = (
-        subprocess.run(
-            ["bash", str(ROOT / "scripts" / "vllm_venv.sh")], check=True, capture_output=True, text=True
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    python = ensure_vllm_venv()
     rows = sample(
         [r for r in load_benign(args.corpora) if not r.hard_negative],
         args.requests + args.long_parts,
@@ -66,7 +59,7 @@ def main() -> None:
                 workdir=work / "run",
                 prompts=prompts,
                 long_prompt=long_prompt,
-                vllm_python=Path(python),
+                vllm_python=python,
                 max_num_batched_tokens=args.max_num_batched_tokens,
             )
         )

@@ -11,35 +11,25 @@ package registry) the test skips, except under ROUTESCAN_REQUIRE_VLLM=1 (.ci/run
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from routescan.agent.vllm_e2e import E2EConfig, plumbing_detector, run_e2e
+from routescan.agent.vllm_e2e import E2EConfig, ensure_vllm_venv, plumbing_detector, run_e2e
 from routescan.models.stock import build_stock_tiny
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_BATCHED = 64  # tokens per engine step: the long prompt below needs several chunks
 
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
     try:
-        out = subprocess.run(
-            ["bash", str(REPO / "scripts" / "vllm_venv.sh")],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=1500,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        reason = f"the vLLM venv could not be built: {(getattr(exc, 'stderr', '') or '')[-800:]}"
+        return ensure_vllm_venv()
+    except RuntimeError as exc:
         if os.environ.get("ROUTESCAN_REQUIRE_VLLM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return Path(out.stdout.strip().splitlines()[-1])
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 @pytest.mark.timeout(2400)

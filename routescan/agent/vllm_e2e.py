@@ -50,6 +50,23 @@ def default_vllm_venv() -> Path:
     )
 
 
+def ensure_vllm_venv(timeout_s: float = 1500) -> Path:
+    """The vLLM venv's python: built from the recipe or reused by scripts/vllm_venv.sh (a source
+    checkout's script; it installs this checkout into the venv). Raises ``RuntimeError`` with the
+    script's last output when it cannot be built."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "vllm_venv.sh"
+    if not script.exists():
+        raise RuntimeError(f"{script} not found: the vLLM check runs from a RouteScan source checkout")
+    try:
+        out = subprocess.run(
+            ["bash", str(script)], check=True, capture_output=True, text=True, timeout=timeout_s
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        tail = (exc.stderr or "")[-800:] if isinstance(exc.stderr, str) else ""
+        raise RuntimeError(f"the vLLM venv could not be built: {tail}") from None
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 @dataclass
 class E2EConfig:
     model: Path  # a stock checkpoint vLLM serves (routescan export, or any vLLM MoE)
@@ -407,6 +424,7 @@ __all__ = [
     "E2EReport",
     "chat",
     "default_vllm_venv",
+    "ensure_vllm_venv",
     "plumbing_detector",
     "run_e2e",
     "start_daemon",
