@@ -33,10 +33,11 @@ def vllm_python() -> Path:
 
 
 @pytest.mark.timeout(2400)
-def test_one_exact_trace_per_request_through_real_vllm(vllm_python: Path, tmp_path: Path) -> None:
-    model = build_stock_tiny(tmp_path / "model", "qwen2-moe")
+@pytest.mark.parametrize("fmt", ["qwen2-moe", "mixtral"])  # both `routescan export` formats
+def test_one_exact_trace_per_request_through_real_vllm(vllm_python: Path, tmp_path: Path, fmt: str) -> None:
+    model = build_stock_tiny(tmp_path / "model", fmt)
     detector = plumbing_detector(model, tmp_path / "detector.zip")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0 if fmt == "qwen2-moe" else 1)
     words = [f"w{i}" for i in range(100)] + ["tell", "me", "about", "topic", "please"]
     prompts = [" ".join(rng.choice(words, size=int(rng.integers(3, 40)))) for _ in range(12)]
     long_prompt = " ".join(rng.choice(words, size=200))
