@@ -49,6 +49,21 @@ def load_round(port: int, model: str, prompts: list[str], concurrency: int, max_
     }
 
 
+def agent_seconds(sock: Path) -> dict[str, float]:
+    """The traced server's own account of its plugin (routescan_agent_seconds, from the daemon)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=10) as client:
+        text = client.get("http://routescan/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "routescan_agent_seconds":
+            for sample in family.samples:
+                out[sample.labels["part"]] = out.get(sample.labels["part"], 0.0) + sample.value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,6 +111,7 @@ def main() -> None:
             from routescan.service.store import open_audit_store
 
             traced = len(open_audit_store(work / "audit.db", read_only=True).query(limit=100_000))
+            parts = agent_seconds(sock)
         finally:
             for server in servers.values():
                 server.stop()
@@ -113,6 +129,10 @@ def main() -> None:
         "rounds": args.rounds,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "traced": traced,
+        # what the plugin reported of itself over all rounds (warm-up included)
+        "plugin_seconds": parts,
+        "plugin_step_share_of_forward": parts.get("step", 0.0) / max(parts.get("forward", 0.0), 1e-9),
+        "sender_cpu_share_of_forward": parts.get("sender", 0.0) / max(parts.get("forward", 0.0), 1e-9),
         "off": {k: median("off", k) for k in ("requests_per_s", "prompt_tokens_per_s")},
         "on": {k: median("on", k) for k in ("requests_per_s", "prompt_tokens_per_s")},
         "per_round_requests_per_s": {n: [round(r["requests_per_s"], 3) for r in rounds[n]] for n in rounds},

@@ -183,6 +183,7 @@ def test_metrics(server, synthetic_traces) -> None:
         "routescan_store_up": "gauge",
         "routescan_score": "histogram",
         "routescan_agent_traces": "counter",
+        "routescan_agent_seconds": "counter",
     }
 
     def value(family: str, sample: str, **labels: str) -> float:
@@ -210,7 +211,7 @@ def test_agents_report_their_counters_with_their_batches(server, synthetic_trace
 
     headers = {
         "x-routescan-agent": "vllm-host-1234",
-        "x-routescan-agent-counters": "sent=40,spooled=7,dropped=2",
+        "x-routescan-agent-counters": "sent=40,spooled=7,dropped=2,step_us=1500,forward_us=300000",
     }
     r = httpx.post(f"{server}/v1/score/batch", json={"items": [body(synthetic_traces[0])]}, headers=headers)
     assert r.status_code == 200
@@ -230,6 +231,10 @@ def test_agents_report_their_counters_with_their_batches(server, synthetic_trace
         ("vllm-host-1234", "spooled"): 7,
         ("vllm-host-1234", "dropped"): 2,
     }
+    seconds = {
+        (s.labels["agent"], s.labels["part"]): s.value for s in families["routescan_agent_seconds"].samples
+    }
+    assert seconds == {("vllm-host-1234", "step"): 0.0015, ("vllm-host-1234", "forward"): 0.3}
 
 
 def test_body_size_limit(tmp_path, test_detector, synthetic_traces) -> None:

@@ -44,6 +44,13 @@ class SenderCounters:
     replayed: int = 0
     rejected: int = 0  # the daemon refused them (wrong model / spec): retrying cannot help
     build_errors: int = 0
+    # Microseconds: wall time the vLLM plugin added on the serving thread after each step's forward
+    # (step_us), those forwards' own wall time (forward_us, for the ratio), and CPU time of this
+    # sender's thread (building, serialising, posting: sender_us). The daemon exports them as
+    # routescan_agent_seconds, so the agent's cost is read beside the work it rides on.
+    step_us: int = 0
+    forward_us: int = 0
+    sender_us: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -165,7 +172,9 @@ class TraceSender:
         while True:
             batch = self._take()
             if batch:
+                started = time.thread_time_ns()
                 self._deliver(batch)
+                self.counters.sender_us += (time.thread_time_ns() - started) // 1000
             elif self._stop.is_set():
                 break
             if not self._down() and self._backlog():
@@ -187,6 +196,7 @@ class TraceSender:
                 item = self._queue.get(timeout=max(wait, 0.0)) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            started = time.thread_time_ns()
             try:
                 trace = item() if callable(item) else item
                 items.append(packb(trace_payload(trace)))
@@ -195,6 +205,7 @@ class TraceSender:
                 continue
             if self._tee is not None:
                 self._tee.write(trace_json(trace) + "\n")
+            self.counters.sender_us += (time.thread_time_ns() - started) // 1000
         if self._tee is not None and items:
             self._tee.flush()
         return items

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -79,13 +80,21 @@ def wrap_model_forward(runner_cls: Any) -> None:
             capture = self.__dict__.get(_AGENT_ATTR, _UNSET)
             if capture is _UNSET:
                 capture = self.__dict__[_AGENT_ATTR] = _attach(self)
+            if capture is None:
+                return original(self, *args, **kwargs)
+            # wall time on the serving thread: what the plugin adds to each step, beside the forward
+            # it follows, in the same run (a ratio that the machine's noise moves far less than
+            # throughput). On a GPU the forward's wall time is only its launch time.
+            started = time.perf_counter_ns()
             output = original(self, *args, **kwargs)
-            if capture is not None:
-                try:
-                    capture.after_forward(self)
-                except Exception:  # telemetry must never take serving down
-                    log.exception("routescan: step not traced; the plugin turns itself off")
-                    self.__dict__[_AGENT_ATTR] = None
+            forwarded = time.perf_counter_ns()
+            try:
+                capture.after_forward(self)
+            except Exception:  # telemetry must never take serving down
+                log.exception("routescan: step not traced; the plugin turns itself off")
+                self.__dict__[_AGENT_ATTR] = None
+            else:
+                capture.account(forwarded - started, time.perf_counter_ns() - forwarded)
             return output
 
         setattr(_model_forward, _PATCHED_ATTR, True)
@@ -198,6 +207,13 @@ class VllmCapture:
             self.shapes[0].top_k,
             self.device,
         )
+
+    def account(self, forward_ns: int, step_ns: int) -> None:
+        """Add one step's times to the counters the sender reports to the daemon."""
+        if self.traces is not None:
+            counters = self.traces.sender.counters
+            counters.forward_us += forward_ns // 1000
+            counters.step_us += step_ns // 1000
 
     def step_spans(self, runner: Any) -> list[Any]:
         """This step's prompt rows per request, from the runner's view of the step (host arrays)."""

@@ -46,6 +46,8 @@ class StoreCollector(Collector):
 
 
 AGENT_OUTCOMES = ("submitted", "sent", "dropped", "spooled", "replayed", "rejected", "build_errors")
+# microsecond CPU-time counters the agent reports beside its outcomes (SenderCounters)
+AGENT_TIMES = {"step_us": "step", "forward_us": "forward", "sender_us": "sender"}
 _AGENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 MAX_AGENTS = 1000  # bounds the series a misbehaving client could create
 
@@ -65,7 +67,7 @@ class AgentCollector(Collector):
         values: dict[str, int] = {}
         for part in counters.split(","):
             name, _, number = part.partition("=")
-            if name in AGENT_OUTCOMES and number.isdigit() and len(number) <= 16:
+            if (name in AGENT_OUTCOMES or name in AGENT_TIMES) and number.isdigit() and len(number) <= 16:
                 values[name] = int(number)
         if not values:
             return False
@@ -84,10 +86,21 @@ class AgentCollector(Collector):
         )
         with self._lock:
             snapshot = [(a, dict(v)) for a, v in self._agents.items()]
+        seconds = CounterMetricFamily(
+            "routescan_agent_seconds",
+            "Seconds an agent reported: part=step (wall time the vLLM plugin added after each forward "
+            "step, on the serving thread), forward (those forwards' wall time, for the ratio), sender "
+            "(CPU time of its background thread).",
+            labels=["agent", "part"],
+        )
         for agent, values in snapshot:
-            for outcome, value in values.items():
-                family.add_metric([agent, outcome], value)
+            for name, value in values.items():
+                if name in AGENT_TIMES:
+                    seconds.add_metric([agent, AGENT_TIMES[name]], value / 1e6)
+                else:
+                    family.add_metric([agent, name], value)
         yield family
+        yield seconds
 
 
 class Metrics:
