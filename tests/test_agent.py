@@ -217,20 +217,26 @@ def test_vllm_wrapper_wraps_once_and_never_breaks_the_step() -> None:
     class Runner:
         calls = 0
 
+        def load_model(self):
+            self.model = None
+
         def _model_forward(self, x):
             Runner.calls += 1
             return x * 2
 
     vllm_plugin.wrap_model_forward(Runner)
-    wrapped = Runner._model_forward
+    wrapped = Runner._model_forward, Runner.load_model
     vllm_plugin.wrap_model_forward(Runner)  # vLLM may load the plugin more than once per process
-    assert Runner._model_forward is wrapped
+    assert (Runner._model_forward, Runner.load_model) == wrapped
     runner = Runner()
     # no vLLM in this venv: attaching fails once, is logged, and the model still runs every step
     assert runner._model_forward(3) == 6 and runner._model_forward(4) == 8
     assert Runner.calls == 2 and runner.__dict__[vllm_plugin._AGENT_ATTR] is None
 
     class Failing:
+        def before_forward(self, runner):
+            pass
+
         def after_forward(self, runner):
             raise RuntimeError("a telemetry bug")
 
@@ -238,6 +244,9 @@ def test_vllm_wrapper_wraps_once_and_never_breaks_the_step() -> None:
     other.__dict__[vllm_plugin._AGENT_ATTR] = Failing()
     assert other._model_forward(5) == 10  # the step's output is returned; tracing turns itself off
     assert other.__dict__[vllm_plugin._AGENT_ATTR] is None
+    loaded = Runner()
+    loaded.load_model()  # attaching at load time (before CUDA graphs would be recorded) fails alike
+    assert loaded.__dict__[vllm_plugin._AGENT_ATTR] is None and loaded._model_forward(1) == 2
 
 
 def test_prefill_chunks_are_summed_into_one_trace_per_request(tmp_path) -> None:

@@ -53,6 +53,8 @@ def test_one_exact_trace_per_request_through_real_vllm(vllm_python: Path, tmp_pa
         )
     )
     n = len(prompts) * 2 + 1
+    # the plugin attached in the worker, sends from rank 0, and skips decode-only steps on CPU
+    assert "rank 0, sending" in report.plugin_log and "uncaptured" in report.plugin_log, report.plugin_log
     assert report.requests == report.answered == n  # vLLM answered every request, daemon down or not
     assert report.long_prompt_tokens > 3 * MAX_BATCHED  # chunked prefill split it into 4 steps
     # exactly one trace per request in the audit trail: none missing, none duplicated

@@ -98,6 +98,7 @@ class E2EReport:
     counts_entries_equal: float = 0.0  # share of (request, layer, expert) entries equal
     max_slot_mismatch: float = 0.0  # worst request: share of its routed slots that differ
     seconds: dict[str, float] = field(default_factory=dict)
+    plugin_log: str = ""  # the plugin's start-up line in vLLM's log
     spooled_while_down: int = 0  # traces on the agent's spool before the daemon came back
     spool_replayed: bool = False
 
@@ -123,6 +124,7 @@ class E2EReport:
             "counts_entries_equal": round(self.counts_entries_equal, 6),
             "max_slot_mismatch": round(self.max_slot_mismatch, 6),
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "plugin_log": self.plugin_log,
             "spooled_while_down": self.spooled_while_down,
             "spool_replayed": self.spool_replayed,
         }
@@ -376,6 +378,15 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         if server is not None:
             server.stop()
         daemon.stop()
+    if server is not None:  # read once vLLM has exited: its processes write the log block-buffered
+        report.plugin_log = next(
+            (
+                line.split("routescan: ", 1)[1].strip()
+                for line in server.log_path.read_text(errors="replace").splitlines()
+                if "routescan: tracing" in line
+            ),
+            "",
+        )
     report.seconds["total"] = time.monotonic() - started
     return report
 

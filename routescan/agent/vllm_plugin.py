@@ -19,14 +19,18 @@ How it reads routing, through the seams vLLM offers:
   positions (``num_computed_tokens`` onwards) fall before ``num_prompt_tokens`` are prompt tokens.
   Chunked prefill spreads a prompt over steps; the chunks are summed and the trace is sent when the
   last one ran (:class:`~routescan.agent.agent.PrefillTraces`, the path the transformers agent uses).
-- **The one patched method**: ``GPUModelRunner._model_forward`` (which ``CPUModelRunner``
-  inherits), wrapped so that its return marks the end of a step's forward. vLLM documents this
-  method as the override point around the model call; it runs once per step, after the two methods
-  above, and never in warm-up dummy runs. There is no plugin hook at that point of the step, and
-  this wrapper adds no work inside it: it only reads what the step already laid out.
+- **Two wrapped methods** of ``GPUModelRunner``, vLLM offering no plugin hook at either point:
+  ``load_model``, so that the capture is bound once the model exists and before vLLM warms up and
+  records CUDA graphs (a graph replays only what it recorded); and ``_model_forward``, which vLLM
+  documents as the override point around the model call: it runs once per step, after the two
+  methods above, never in warm-up dummy runs, and its return marks the end of the step's forward.
+  ``CPUModelRunner`` overrides ``load_model`` without calling the base one, so on CPU (no graphs)
+  the capture is bound at the first step instead; a runner with CUDA graphs that skips the wrapped
+  ``load_model`` is refused. On CPU a step without prompt tokens (pure decode) unsets the routers'
+  capture functions, so decoding pays nothing; under CUDA graphs the capture stays recorded.
 - **No host sync on the forward path**: the step's counts are one bincount on the device
   (:func:`~routescan.telemetry.collector.span_counts`), copied to pinned host memory without
-  blocking; the next step (or the sender thread) picks them up once the copy's event has fired.
+  blocking; the next step picks them up once the copy's event has fired.
 - **Only tensor-parallel rank 0 sends**; every rank routes identically. Pipeline parallelism (each
   stage holds only some layers) is refused with a log line.
 - **Model id**: ``ROUTESCAN_MODEL_ID``, else the served model's own id, by the rule the transformers
@@ -46,7 +50,10 @@ import time
 from collections import deque
 from typing import Any
 
-log = logging.getLogger("routescan.vllm")
+import numpy as np
+
+# a child of vLLM's own logger, so the plugin's lines appear in vLLM's log, in its format
+log = logging.getLogger("vllm.routescan")
 _LOCK = threading.Lock()
 _PATCHED_ATTR = "_routescan_wrapped"
 _AGENT_ATTR = "_routescan_capture"
@@ -69,43 +76,75 @@ def register() -> None:
 
 
 def wrap_model_forward(runner_cls: Any) -> None:
-    """Wrap ``runner_cls._model_forward`` once (idempotent: a second call sees the marker)."""
+    """Wrap ``runner_cls.load_model`` (attach once the model is loaded) and ``_model_forward`` (the
+    per-step hook) once; a second call sees the markers and does nothing."""
     with _LOCK:
-        original = runner_cls._model_forward
-        if getattr(original, _PATCHED_ATTR, False):
-            return
+        if not getattr(runner_cls.load_model, _PATCHED_ATTR, False):
+            runner_cls.load_model = _wrap_load(runner_cls.load_model)
+        if not getattr(runner_cls._model_forward, _PATCHED_ATTR, False):
+            runner_cls._model_forward = _wrap_forward(runner_cls._model_forward)
 
-        @functools.wraps(original)
-        def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-            capture = self.__dict__.get(_AGENT_ATTR, _UNSET)
-            if capture is _UNSET:
-                capture = self.__dict__[_AGENT_ATTR] = _attach(self)
-            if capture is None:
-                return original(self, *args, **kwargs)
-            # wall time on the serving thread: what the plugin adds to each step, beside the forward
-            # it follows, in the same run (a ratio that the machine's noise moves far less than
-            # throughput). On a GPU the forward's wall time is only its launch time.
-            started = time.perf_counter_ns()
-            output = original(self, *args, **kwargs)
-            forwarded = time.perf_counter_ns()
-            try:
-                capture.after_forward(self)
-            except Exception:  # telemetry must never take serving down
-                log.exception("routescan: step not traced; the plugin turns itself off")
-                self.__dict__[_AGENT_ATTR] = None
-            else:
-                capture.account(forwarded - started, time.perf_counter_ns() - forwarded)
-            return output
 
-        setattr(_model_forward, _PATCHED_ATTR, True)
-        runner_cls._model_forward = _model_forward
+def _wrap_load(original: Any) -> Any:
+    # Binding at load time, before vLLM warms up and captures CUDA graphs: a graph replays only the
+    # kernels it recorded, so a capture bound later would never run inside graphed steps.
+    @functools.wraps(original)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, *args, **kwargs)
+        self.__dict__[_AGENT_ATTR] = _attach(self)
+        return output
+
+    setattr(load_model, _PATCHED_ATTR, True)
+    return load_model
+
+
+def _wrap_forward(original: Any) -> Any:
+    @functools.wraps(original)
+    def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        capture = self.__dict__.get(_AGENT_ATTR, _UNSET)
+        if capture is _UNSET:
+            # a runner whose own load_model does not call the wrapped one (CPUModelRunner): attach
+            # now, which is safe only without CUDA graphs
+            capture = self.__dict__[_AGENT_ATTR] = _attach(self, late=True)
+        if capture is None:
+            return original(self, *args, **kwargs)
+        # wall time on the serving thread: what the plugin adds to each step, beside the forward
+        # it follows, in the same run (a ratio that the machine's noise moves far less than
+        # throughput). On a GPU the forward's wall time is only its launch time.
+        started = time.perf_counter_ns()
+        try:
+            capture.before_forward(self)
+        except Exception:  # telemetry must never take serving down
+            log.exception("routescan: step not traced; the plugin turns itself off")
+            self.__dict__[_AGENT_ATTR] = None
+            return original(self, *args, **kwargs)
+        before = time.perf_counter_ns() - started
+        started = time.perf_counter_ns()
+        output = original(self, *args, **kwargs)
+        forwarded = time.perf_counter_ns()
+        try:
+            capture.after_forward(self)
+        except Exception:
+            log.exception("routescan: step not traced; the plugin turns itself off")
+            self.__dict__[_AGENT_ATTR] = None
+        else:
+            capture.account(forwarded - started, before + time.perf_counter_ns() - forwarded)
+        return output
+
+    setattr(_model_forward, _PATCHED_ATTR, True)
+    return _model_forward
 
 
 _UNSET = object()
 
 
-def _attach(runner: Any) -> VllmCapture | None:
+def _attach(runner: Any, *, late: bool = False) -> VllmCapture | None:
     try:
+        if late and getattr(runner, "use_cuda_graph", False):
+            raise ValueError(
+                "this runner captures CUDA graphs and loaded its model without the wrapped load_model, "
+                "so the routing capture would be bound after the graphs were recorded"
+            )
         return VllmCapture(runner)
     except Exception as exc:  # a model or setting we cannot trace: serve it untraced, say why once
         log.warning("routescan: plugin inactive in this worker: %s", exc)
@@ -185,6 +224,14 @@ class VllmCapture:
         self.layer_ids = torch.tensor([s.layer for s in self.shapes], device=runner.device)
         self.capturer = RoutedExpertsCapturer(config.scheduler_config.max_num_batched_tokens, config)
         bind_routed_experts_capturer(runner.model, self.capturer)
+        # Without graphs (CPU), a step with no prompt tokens (pure decode) need not be captured at
+        # all: the routers' capture functions are unset for it and set again for the next prefill.
+        # Under CUDA graphs the capture is part of the recorded kernels and stays on.
+        # (the routers are plain objects held by vLLM's MoE runner modules, not modules themselves)
+        holders = [getattr(m, "router", m) for m in runner.model.modules()]
+        self._hooks = [(h, h.capture_fn) for h in holders if getattr(h, "capture_fn", None) is not None]
+        self._toggle = torch.device(runner.device).type == "cpu" and bool(self._hooks)
+        self._capturing = True
         self.sends = get_tp_group().is_first_rank
         self.device = torch.device(runner.device)
         self.traces = (
@@ -200,13 +247,27 @@ class VllmCapture:
         )
         self._pending: deque[tuple[Any, Any, list[Any]]] = deque()
         log.info(
-            "routescan: tracing %s (%d MoE layers, %d experts, top-%d) on %s",
+            "routescan: tracing %s (%d MoE layers, %d experts, top-%d) on %s; rank %s; decode steps %s",
             self.model_id,
             len(self.shapes),
             self.width,
             self.shapes[0].top_k,
             self.device,
+            "0, sending" if self.sends else "not 0, silent",
+            f"uncaptured ({len(self._hooks)} routers toggled)" if self._toggle else "captured",
         )
+
+    def before_forward(self, runner: Any) -> None:
+        """Turn the capture off for a step without prompt tokens (CPU only; see __init__)."""
+        if not self._toggle:
+            return
+        batch = runner.input_batch
+        n = batch.num_reqs
+        want = bool(n) and bool(np.any(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]))
+        if want != self._capturing:
+            for module, fn in self._hooks:
+                module.capture_fn = fn if want else None
+            self._capturing = want
 
     def account(self, forward_ns: int, step_ns: int) -> None:
         """Add one step's times to the counters the sender reports to the daemon."""
@@ -241,7 +302,7 @@ class VllmCapture:
 
     def after_forward(self, runner: Any) -> None:
         self._drain()
-        if self.traces is None:
+        if self.traces is None or not self._capturing:
             return
         spans = self.traces.keep(self.step_spans(runner))
         if not spans:
