@@ -400,3 +400,19 @@ def test_the_dashboard_reads_only_metrics_the_daemon_exports(server, synthetic_t
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("requests", "flagged", "score distribution", "latency", "store", "alerts", "agents"):
         assert topic in titles, topic
+
+
+def test_a_replayed_batch_records_only_what_the_store_does_not_hold(server, synthetic_traces) -> None:
+    first = {"items": [body(t) for t in synthetic_traces[:3]]}
+    assert httpx.post(f"{server}/v1/score/batch", json=first).status_code == 200
+    # the agent replays a spooled batch whose first attempt may have reached the store: the three
+    # recorded traces are answered again but not recorded twice; the new one is recorded
+    replay = {"items": [body(t) for t in synthetic_traces[:4]]}
+    r = httpx.post(f"{server}/v1/score/batch", json=replay, headers={"x-routescan-replay": "1"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 4
+    ids = [a["trace_id"] for a in httpx.get(f"{server}/v1/audits", params={"limit": 100}).json()["items"]]
+    assert sorted(ids) == sorted(t.trace_id for t in synthetic_traces[:4])
+    # without the replay mark a repeated id is a new request with the same id, recorded again
+    assert httpx.post(f"{server}/v1/score/batch", json=first).status_code == 200
+    ids = [a["trace_id"] for a in httpx.get(f"{server}/v1/audits", params={"limit": 100}).json()["items"]]
+    assert len(ids) == 7

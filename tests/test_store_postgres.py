@@ -88,8 +88,9 @@ def test_schema_is_versioned_and_a_newer_one_is_refused(pg_url) -> None:
     open_audit_store(pg_url).close()
     open_audit_store(pg_url).close()  # a second start finds the schema current and changes nothing
     with psycopg.connect(pg_url, autocommit=True) as conn:
+        # one row per migration applied, each once
         assert conn.execute("SELECT count(*), max(version) FROM routescan_schema").fetchone() == (
-            1,
+            SCHEMA_VERSION,
             SCHEMA_VERSION,
         )
         conn.execute("INSERT INTO routescan_schema (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
@@ -142,3 +143,19 @@ def test_audits_cli_shows_and_exports_either_backend(backend, tmp_path, request)
         result = runner.invoke(app, ["audits", "--audit-store", str(tmp_path / "none.db")])
         assert result.exit_code == 2 and "no audit store" in result.output
         assert not (tmp_path / "none.db").exists()
+
+
+def test_recorded_finds_what_a_replay_would_duplicate(pg_url) -> None:
+    store = open_audit_store(pg_url, commit_window_s=0.01)
+    try:
+        store.write([record("a-1"), record("a-2", model="m2"), record("a-3")])
+        found = store.recorded(["a-1", "a-2", "zz", "a-1"], detector_id="d")
+        assert found == {("a-1", "m"), ("a-2", "m2")}
+        assert store.recorded(["a-1"], detector_id="another-detector") == set()
+        with store._pool.connection() as conn:  # the index the check uses is there (migration 2)
+            names = {
+                r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'audits'")
+            }
+        assert "audits_trace" in names
+    finally:
+        store.close()

@@ -5,9 +5,9 @@ item and counts it: serving latency comes first). A background thread batches it
 traces (off the forward path), and posts them to the daemon's ``/v1/score/batch`` over a Unix domain
 socket or loopback HTTP, in the binary wire form (MessagePack, :mod:`routescan.telemetry.wire`).
 When the daemon is unreachable, batches are appended to a local spool file (JSONL, fsynced) and
-replayed, oldest first, once it answers again. Delivery is at-least-once: a batch the daemon stored
-just before a connection broke may be sent twice; audit rows carry the trace id, so duplicates are
-visible.
+replayed, oldest first, once it answers again, marked as a replay: the daemon records only the
+traces of a replayed batch that its audit store does not hold yet, so a batch stored just before its
+connection broke is not recorded twice.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import msgpack
 
-from routescan.service.schemas import AGENT_HEADER, COUNTERS_HEADER
+from routescan.service.schemas import AGENT_HEADER, COUNTERS_HEADER, REPLAY_HEADER
 from routescan.telemetry.io import trace_json
 from routescan.telemetry.schema import RequestTrace
 from routescan.telemetry.wire import MEDIA_TYPE, packb, trace_payload, unpackb
@@ -213,7 +213,7 @@ class TraceSender:
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    def _post(self, traces: list[bytes] | list[str]) -> str:
+    def _post(self, traces: list[bytes] | list[str], *, replay: bool = False) -> str:
         """Post serialised traces (MessagePack bytes, or JSON text from the spool): 'ok', 'rejected'
         (the daemon will never take these) or 'down'.
 
@@ -225,12 +225,13 @@ class TraceSender:
             media = "application/json"
         try:
             counters = ",".join(f"{k}={v}" for k, v in self.counters.as_dict().items())
-            resp = self._client.post(
-                f"{self._base}/v1/score/batch",
-                content=content,
-                # the agent's own health rides along, so the daemon's /metrics shows spooled / dropped
-                headers={"content-type": media, COUNTERS_HEADER: counters},
-            )
+            # the agent's own health rides along, so the daemon's /metrics shows spooled / dropped
+            headers = {"content-type": media, COUNTERS_HEADER: counters}
+            if replay:
+                # a spooled batch may have reached the audit store before its connection broke: the
+                # daemon records only the traces it has not recorded yet, so a replay never duplicates
+                headers[REPLAY_HEADER] = "1"
+            resp = self._client.post(f"{self._base}/v1/score/batch", content=content, headers=headers)
         except httpx.HTTPError:
             return "down"
         if resp.status_code == 200:
@@ -293,7 +294,7 @@ class TraceSender:
             while chunk := list(itertools.islice(lines, self.batch_max)):
                 # a line torn by a crash mid-append would make the daemon refuse its whole batch
                 whole = [line.strip() for line in chunk if _is_json(line)]
-                status = self._post(whole) if whole else "ok"
+                status = self._post(whole, replay=True) if whole else "ok"
                 if status == "down":
                     self._down_until = time.monotonic() + self.retry_interval_s
                     rest = chunk + list(lines)

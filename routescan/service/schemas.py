@@ -19,6 +19,8 @@ API_VERSION: Literal["routescan.api/1"] = "routescan.api/1"
 # or dropped never reaches the daemon otherwise), as "submitted=N,sent=N,...".
 AGENT_HEADER = "x-routescan-agent"
 COUNTERS_HEADER = "x-routescan-agent-counters"
+# set by the agent on batches it replays from its spool: they may have been recorded already
+REPLAY_HEADER = "x-routescan-replay"
 
 
 class _Strict(BaseModel):

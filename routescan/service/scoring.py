@@ -163,9 +163,12 @@ class ScoringService:
         return self.scorer.score(inputs)  # type: ignore[arg-type]
 
     async def score(
-        self, body: bytes, *, batch: bool, binary: bool = False
+        self, body: bytes, *, batch: bool, binary: bool = False, replay: bool = False
     ) -> tuple[list[ScoreResult], float]:
         """Score a request body and record every result before acknowledging any.
+
+        ``replay``: an agent replaying its spool; traces this detector has already recorded (the
+        batch reached the store before its connection broke) are answered but not recorded again.
 
         A body up to ``inline_parse_bytes`` is parsed and scored on the event loop: that work
         (tens of microseconds for a trace) costs less than the hop to a worker thread. A bigger one
@@ -179,11 +182,18 @@ class ScoringService:
                 limiter=self._limiter,
             )
         card, point, now = self.scorer.card, self.scorer.point, time.time()
+        fresh = scored
+        if replay and scored:
+            ids = [s.trace_id for s in scored]
+            seen = await anyio.to_thread.run_sync(
+                functools.partial(self.store.recorded, ids, detector_id=card.detector_id)
+            )
+            fresh = [s for s in scored if (s.trace_id, s.model_id) not in seen]
         records = [
             AuditRecord(
                 s.trace_id, s.model_id, s.score, s.label, card.detector_id, card.version, point.name, now
             )
-            for s in scored
+            for s in fresh
         ]
         await asyncio.wrap_future(self.store.submit(records))  # acknowledged only once committed
         latency_ms = (time.perf_counter() - start) * 1e3
@@ -204,7 +214,12 @@ class ScoringService:
             )
             for s in scored
         ]
-        self._count(results)
+        # metrics and alerts count what was recorded now, not a replayed copy of what already was
+        if fresh is not scored:
+            kept = {id(s) for s in fresh}
+            self._count([r for r, s in zip(results, scored, strict=True) if id(s) in kept])
+        else:
+            self._count(results)
         return results, latency_ms
 
     def _count(self, results: list[ScoreResult]) -> None:

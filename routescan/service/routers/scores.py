@@ -11,6 +11,7 @@ from routescan.service.deps import Authorized, BodyDep, ServiceDep
 from routescan.service.schemas import (
     AGENT_HEADER,
     COUNTERS_HEADER,
+    REPLAY_HEADER,
     BatchRequest,
     BatchResult,
     ScoreRequest,
@@ -55,10 +56,11 @@ async def score_batch(
     service: ServiceDep,
     agent: Annotated[str | None, Header(alias=AGENT_HEADER, include_in_schema=False)] = None,
     agent_counters: Annotated[str | None, Header(alias=COUNTERS_HEADER, include_in_schema=False)] = None,
+    replay: Annotated[str | None, Header(alias=REPLAY_HEADER, include_in_schema=False)] = None,
 ) -> Response:
     """Score up to ``max_batch`` items in one call (one model pass, one audit transaction)."""
     service.metrics.agents.report(agent, agent_counters)
-    results, latency = await service.score(body.data, batch=True, binary=body.binary)
+    results, latency = await service.score(body.data, batch=True, binary=body.binary, replay=replay == "1")
     flagged = sum(r.label == "flagged" for r in results)
     batch = BatchResult.model_construct(results=results, flagged=flagged, latency_ms=latency)
     return Response(batch.model_dump_json(), media_type="application/json")

@@ -331,6 +331,22 @@ class AuditStore(ABC):
         return self._purge(time.time() - self.retention_days * 86400)
 
     # -- reads ----------------------------------------------------------------------------------
+    def recorded(self, trace_ids: Sequence[str], *, detector_id: str) -> set[tuple[str, str]]:
+        """``(trace_id, model_id)`` pairs among ``trace_ids`` this detector already has rows for
+        (the daemon's check on a replayed batch; both backends index trace_id)."""
+        p = self.placeholder
+        found: set[tuple[str, str]] = set()
+        ids = list(dict.fromkeys(trace_ids))
+        for start in range(0, len(ids), 256):
+            chunk = ids[start : start + 256]
+            where = [f"trace_id IN ({', '.join([p] * len(chunk))})", f"detector_id = {p}"]
+            try:
+                rows = self._read(where, [*chunk, detector_id], 1_000_000, 0)
+            except self.db_errors as exc:
+                raise StoreReadError(self._error("read", exc)) from None
+            found.update((r["trace_id"], r["model_id"]) for r in rows)
+        return found
+
     def query(
         self,
         *,

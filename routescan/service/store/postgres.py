@@ -21,7 +21,7 @@ from typing import Any
 
 from routescan.service.store.base import COLUMNS, AuditRecord, AuditStore, StoreOpenError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK = 0x52535441  # advisory lock key for migrations and partition DDL ("RSTA")
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -42,6 +42,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX audits_created ON audits (created)",
         "CREATE INDEX audits_model ON audits (model_id, created)",
     ],
+    # a replayed agent batch is checked against the rows it may already have (AuditStore.recorded)
+    2: ["CREATE INDEX IF NOT EXISTS audits_trace ON audits (trace_id)"],
 }
 _PARTITION = re.compile(r"^audits_p(\d{8})$")
 _INSERT = f"INSERT INTO audits ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"

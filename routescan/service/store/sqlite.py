@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS audits (
 );
 CREATE INDEX IF NOT EXISTS audits_created ON audits (created);
 CREATE INDEX IF NOT EXISTS audits_model ON audits (model_id, created);
+CREATE INDEX IF NOT EXISTS audits_trace ON audits (trace_id);
 """
 _INSERT = f"INSERT INTO audits ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 FILE_MODE = 0o600
