@@ -224,9 +224,9 @@ def test_vllm_wrapper_wraps_once_and_never_breaks_the_step() -> None:
             Runner.calls += 1
             return x * 2
 
-    vllm_plugin.wrap_model_forward(Runner)
+    vllm_plugin.wrap_runner(Runner)
     wrapped = Runner._model_forward, Runner.load_model
-    vllm_plugin.wrap_model_forward(Runner)  # vLLM may load the plugin more than once per process
+    vllm_plugin.wrap_runner(Runner)  # vLLM may load the plugin more than once per process
     assert (Runner._model_forward, Runner.load_model) == wrapped
     runner = Runner()
     # no vLLM in this venv: attaching fails once, is logged, and the model still runs every step

@@ -109,7 +109,8 @@ class PrefillTraces:
         self.incomplete = 0  # chunks of prompts whose start was never seen (a prefix-cache hit, a restart)
 
     def keep(self, spans: Sequence[Span]) -> list[Span]:
-        """The spans to count: sampled requests, and later chunks of prompts already open."""
+        """The spans of sampled requests. Sampling is a function of the request id, so every chunk of
+        a prompt gets the same answer."""
         return [s for s in spans if sampled(s.request_id, self.sampling)]
 
     def add(self, spans: Sequence[Span], counts: Sequence[np.ndarray]) -> None:

@@ -400,10 +400,10 @@ def _compare_counts(
 
     loaded = load_pretrained(cfg.model, chat_template=cfg.chat_template)
     collector = EmulatedCollector(loaded, batch_size=1)  # unpadded: padding changes float sums
+    ids = [r for r, _ in answered]
     by_owner = {}
     for t in traces:
-        owner = _owner(t.trace_id, [r for r, _ in answered])
-        by_owner.setdefault(owner, t)
+        by_owner.setdefault(_owner(t.trace_id, ids), t)
     equal_entries = total_entries = 0
     for (request_id, prompt_tokens), text in zip(answered, texts, strict=True):
         trace = by_owner.get(request_id)

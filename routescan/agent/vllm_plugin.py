@@ -50,8 +50,6 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
-
 # a child of vLLM's own logger, so the plugin's lines appear in vLLM's log, in its format
 log = logging.getLogger("vllm.routescan")
 _LOCK = threading.Lock()
@@ -72,10 +70,10 @@ def register() -> None:
     except ImportError:
         log.info("routescan: vLLM's V1 model runner is not importable here; plugin inactive")
         return
-    wrap_model_forward(gpu_model_runner.GPUModelRunner)
+    wrap_runner(gpu_model_runner.GPUModelRunner)
 
 
-def wrap_model_forward(runner_cls: Any) -> None:
+def wrap_runner(runner_cls: Any) -> None:
     """Wrap ``runner_cls.load_model`` (attach once the model is loaded) and ``_model_forward`` (the
     per-step hook) once; a second call sees the markers and does nothing."""
     with _LOCK:
@@ -230,10 +228,11 @@ class VllmCapture:
         # (the routers are plain objects held by vLLM's MoE runner modules, not modules themselves)
         holders = [getattr(m, "router", m) for m in runner.model.modules()]
         self._hooks = [(h, h.capture_fn) for h in holders if getattr(h, "capture_fn", None) is not None]
-        self._toggle = torch.device(runner.device).type == "cpu" and bool(self._hooks)
-        self._capturing = True
-        self.sends = get_tp_group().is_first_rank
         self.device = torch.device(runner.device)
+        self._toggle = self.device.type == "cpu" and bool(self._hooks)
+        self._capturing = True
+        self._spans: list[Any] = []  # this step's prompt rows, read once before its forward
+        self.sends = get_tp_group().is_first_rank
         self.traces = (
             PrefillTraces(
                 sender_from_env(settings),
@@ -258,13 +257,11 @@ class VllmCapture:
         )
 
     def before_forward(self, runner: Any) -> None:
-        """Turn the capture off for a step without prompt tokens (CPU only; see __init__)."""
-        if not self._toggle:
-            return
-        batch = runner.input_batch
-        n = batch.num_reqs
-        want = bool(n) and bool(np.any(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]))
-        if want != self._capturing:
+        """Read the step's prompt rows (the batch does not change during its forward), and turn the
+        capture off for a step without any (CPU only; see __init__)."""
+        self._spans = self.step_spans(runner)
+        want = bool(self._spans)
+        if self._toggle and want != self._capturing:
             for module, fn in self._hooks:
                 module.capture_fn = fn if want else None
             self._capturing = want
@@ -304,7 +301,7 @@ class VllmCapture:
         self._drain()
         if self.traces is None or not self._capturing:
             return
-        spans = self.traces.keep(self.step_spans(runner))
+        spans = self.traces.keep(self._spans)
         if not spans:
             return
         import torch
@@ -331,4 +328,4 @@ class VllmCapture:
             self.traces.add(spans, list(host.numpy()))  # type: ignore[union-attr]
 
 
-__all__ = ["COLLECTOR", "TESTED_VLLM", "VllmCapture", "register", "served_model_id", "wrap_model_forward"]
+__all__ = ["COLLECTOR", "TESTED_VLLM", "VllmCapture", "register", "served_model_id", "wrap_runner"]
