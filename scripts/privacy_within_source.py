@@ -3,7 +3,7 @@ Re-run the word-recovery attack of ``routescan invert`` inside each large source
 source-marking words cannot help: vocabulary, attacker training and test all come from one source.
 
     .venv/bin/python scripts/privacy_within_source.py runs/traces/smollm2-e32k16-shared.hf-eager.jsonl \\
-        --corpus configs/corpus/default.yaml --corpora ../shared/corpora
+        --corpus configs/corpus/benchmarks.yaml --corpora ../shared/corpora
 
 Prints one row per source with at least --min-rows plain prompts and writes docs/privacy-within-source.json.
 Prompt text stays in this process; only scores are written.

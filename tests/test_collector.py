@@ -7,7 +7,7 @@ import torch
 
 from routescan.telemetry.collector import Collector
 from routescan.telemetry.emulated import CollectionError, EmulatedCollector, Request
-from routescan.telemetry.schema import Region
+from routescan.telemetry.schema import CountMatrix, Region
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -82,6 +82,11 @@ def test_too_long_and_empty_requests_are_refused(tiny) -> None:
     collector = EmulatedCollector(tiny("mixtral"), max_tokens=10)
     with pytest.raises(CollectionError, match=r"r-long: .* exceed max_tokens=10"):
         list(collector.collect([Request("r-long", "x" * 50)]))
+    # the up-front check names every over-long request before anything is collected
+    batch = [Request("r-ok", "hi"), Request("r-long", "x" * 50), Request("r-longer", "x" * 80)]
+    with pytest.raises(CollectionError, match=r"2 request\(s\) exceed max_tokens=10 \(the longest, r-longer"):
+        collector.check_lengths(batch)
+    collector.check_lengths(batch[:1])
 
 
 def test_counting_all_layers_at_once_equals_layer_by_layer() -> None:
@@ -106,3 +111,52 @@ def test_counting_all_layers_at_once_equals_layer_by_layer() -> None:
     selections[3][6, 0] = 6
     with pytest.raises(ValueError, match=r"outside 0\.\.5"):
         routed_counts(selections, 5, 9, shapes)
+
+
+def test_windows_are_the_counts_of_each_chunk_of_prompt_tokens(tiny) -> None:
+    """--window: each window's counts equal a count over exactly its prompt positions (from an
+    independent recording of the same forward), the windows sum to the request, and batching does
+    not change them; short prompts carry no windows."""
+    loaded = tiny("qwen2_moe")
+    w = 5
+    batched = [t for _, t in EmulatedCollector(loaded, batch_size=5, window=w).collect(requests())]
+    single = [t for _, t in EmulatedCollector(loaded, batch_size=1, window=w).collect(requests())]
+    assert batched == single
+    for request, trace in zip(requests(), batched, strict=True):
+        ids = loaded.encoder.encode(request.text)
+        if len(ids) <= w:
+            assert trace.windows is None
+            assert trace.window_traces() == [trace]
+            continue
+        assert trace.windows is not None and trace.windows.tokens == w
+        with torch.inference_mode(), loaded.adapter.record() as rec:
+            loaded.model(input_ids=torch.tensor([ids]), use_cache=False)
+            selections = rec.selections()
+        parts = trace.window_traces()
+        assert [p.prompt_tokens for p in parts] == trace.window_tokens()
+        assert sum(trace.window_tokens()) == len(ids)
+        for k, part in enumerate(parts):
+            expected = torch.cat(
+                [
+                    torch.bincount(selections[layer][k * w : (k + 1) * w].reshape(-1), minlength=n)
+                    for layer, n in zip(trace.layers, trace.experts_per_layer, strict=True)
+                ]
+            )
+            assert part.counts.flat.tolist() == expected.tolist()
+            assert part.windows is None and part.trace_id == trace.trace_id
+
+
+def test_windows_that_do_not_add_up_are_refused(tiny) -> None:
+    from pydantic import ValidationError
+
+    loaded = tiny("mixtral")
+    (_, trace), *_ = EmulatedCollector(loaded, window=4).collect(requests()[2:3])
+    assert trace.windows is not None
+    data = trace.model_dump()
+    first = trace.windows.counts[0].flat.copy()
+    first[0] += 1
+    bad = {**data, "windows": {"tokens": 4, "counts": [CountMatrix(first), *trace.windows.counts[1:]]}}
+    with pytest.raises(ValidationError, match="sum to the trace's counts"):
+        type(trace).model_validate(bad)
+    with pytest.raises(ValidationError, match="windows of 3 tokens"):
+        type(trace).model_validate({**data, "windows": {"tokens": 3, "counts": list(trace.windows.counts)}})

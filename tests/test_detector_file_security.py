@@ -137,3 +137,38 @@ def test_a_non_zip_estimator_and_a_zip_bomb_are_refused_before_inflating(tmp_pat
         zf.writestr("estimator.skops", sio.dumps(test_detector.estimator))
     with pytest.raises(DetectorError, match=r"card\.json is .* over the"):
         Detector.load(big_card)
+
+
+@pytest.mark.parametrize("method", ["logreg", "invariant"])
+def test_every_detector_routescan_train_writes_loads_under_the_trusted_list(
+    method: str, synthetic_traces, tmp_path: Path
+) -> None:
+    """TRUSTED_TYPES is exactly what RouteScan's own detectors need: each kind `routescan train`
+    fits saves, loads back with no type outside the list, and scores as before (fast path too)."""
+    from routescan.detector.artifact import TRUSTED_TYPES, DetectorCard
+    from routescan.detector.dataset import LabelledSet
+    from routescan.detector.train import fit_detector, operating_points
+
+    traces = [
+        t.model_copy(update={"labels": {**t.labels, "domain": f"d{i % 4}"}})
+        for i, t in enumerate(synthetic_traces)
+    ]
+    data = LabelledSet.from_traces(traces, launch_model="hf-eager")
+    fitted = fit_detector(data, method=method)
+    card = DetectorCard(
+        detector_id=f"t-{method}",
+        version="1",
+        spec=data.spec,
+        operating_points=operating_points(fitted.oof_proba, data.y),
+        default_operating_point="fpr5",
+        estimator=fitted.description,
+    )
+    path = Detector(fitted.estimator, card).save(tmp_path / "d.zip")
+    with zipfile.ZipFile(path) as zf:
+        untrusted = set(sio.get_untrusted_types(data=zf.read("estimator.skops")))
+    assert untrusted <= TRUSTED_TYPES, untrusted - TRUSTED_TYPES
+    loaded = Detector.load(path)
+    np.testing.assert_allclose(
+        loaded.predict_proba(data.X), fitted.estimator.predict_proba(data.X)[:, 1], rtol=1e-9
+    )
+    assert loaded._linear is not None  # one sigmoid over a linear model: scored as a dot product

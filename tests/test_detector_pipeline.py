@@ -15,7 +15,7 @@ from routescan.cli.main import app
 from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
 from routescan.detector.artifact import Detector
 from routescan.detector.dataset import LabelledSet
-from routescan.detector.protocols import family_folds, lodo_folds
+from routescan.detector.protocols import family_folds, hard_negative_folds, lodo_folds, source_folds
 from routescan.telemetry.io import read_traces, write_traces
 from routescan.telemetry.schema import Unit
 
@@ -60,6 +60,19 @@ def corpora(tmp_path_factory) -> Path:
             )
         for _ in range(10):
             w.writerow([f"{_sentence(rng, 5)} VVK", "xstest", "", 1, 0, "xstest"])
+    # a second world: "real users" of both labels, and over-refusal look-alikes (some hard negatives)
+    (root / "extra").mkdir()
+    with (root / "extra" / "mix.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "source", "subtype", "label", "hard_negative", "source_file"])
+        for i in range(40):
+            harmful = i % 3 == 0
+            text = f"{_sentence(rng, 7)} {'QQX KKW ' if harmful else ''}{_sentence(rng, 3)}"
+            w.writerow([text, "toxicchat", "", int(harmful), 0, "x"])
+        for i in range(20):
+            w.writerow(
+                [f"{_sentence(rng, 6)} ZZJ {_sentence(rng, 2)}", "coconot_contrast", "", 0, int(i < 10), "x"]
+            )
     with (root / "wrappers.jsonl").open("w") as fh:
         for i, fam in enumerate(["autodan", "in_the_wild", "prefix_injection", "style_injection"]):
             fh.write(
@@ -77,6 +90,7 @@ def recipe(tmp_path_factory) -> Path:
     path.write_text(
         "name: synth\nbenign: {count: 160}\n"
         "wrapping: {harmful_per_family: 12, benign_per_family: 12}\nseed: 0\n"
+        "extra_sources: [{format: unified, path: extra/mix.csv, domain: unmapped}]\n"
     )
     return path
 
@@ -84,7 +98,9 @@ def recipe(tmp_path_factory) -> Path:
 def test_corpus_builder_rules(corpora: Path, recipe: Path) -> None:
     examples = build_corpus(corpora, CorpusConfig.from_yaml(recipe))
     counts = summarize(examples)
-    assert counts["harmful_plain"] == 162 and counts["benign_plain"] == 160 and counts["hard_negatives"] == 10
+    # the extra world: 14 harmful and 26 benign "users", 10 look-alikes and 10 hard negatives
+    assert counts["harmful_plain"] == 162 + 14 and counts["benign_plain"] == 160 + 36
+    assert counts["hard_negatives"] == 20
     # the DAN-like families are one super-family; benign requests are wrapped too
     assert counts["wrapped_by_family"] == {
         "dan_like": {"harmful": 12, "benign": 12},
@@ -106,7 +122,7 @@ def collected(corpora: Path, recipe: Path, tmp_path_factory) -> Path:
     """One collection of the synthetic corpus (routed counts), shared by the tests below."""
     out = tmp_path_factory.mktemp("traces") / "t.jsonl"
     args = ["collect", "--tiny", "mixtral", "--corpus", str(recipe), "--corpora", str(corpora)]
-    args += ["--out", str(out), "--batch-size", "16"]
+    args += ["--out", str(out), "--batch-size", "16", "--window", "8"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
@@ -116,7 +132,11 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     hf = collected
 
     traces = list(read_traces(hf))
-    assert len(traces) == 162 + 160 + 10 + 72
+    assert len(traces) == 176 + 196 + 20 + 72
+    # windows of 8 prompt tokens on every longer prompt, summing to the request's counts
+    long = [t for t in traces if t.prompt_tokens > 8]
+    assert long and all(t.windows is not None and t.windows.tokens == 8 for t in long)
+    assert all(t.windows is None for t in traces if t.prompt_tokens <= 8)
     assert all(not any(w in t.model_dump_json() for w in ("QQX", "please tell")) for t in traces)
     # the manifest says which source rows the corpus used, per trace id, and holds no text
     manifest_file = hf.with_name("t.manifest.json")
@@ -143,6 +163,26 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
         assert not data.hard_negative[f.train].any()
         if f.protocol == "lodo":
             assert f.held_out not in set(data.domain[f.train])
+    (users,) = source_folds(data)
+    assert users.held_out == "toxicchat" and set(data.source[users.test]) == {"toxicchat"}
+    assert "toxicchat" not in set(data.source[users.train]) and not data.hard_negative[users.train].any()
+    assert not set(users.calibration) & set(users.train) and not set(users.calibration) & set(users.test)
+    hard = {f.held_out: f for f in hard_negative_folds(data)}
+    assert set(hard) == {
+        "coconot (trained)",
+        "coconot (none trained)",
+        "xstest+jbb_benign (trained)",
+        "xstest+jbb_benign (none trained)",
+    }
+    for name, f in hard.items():
+        held = "coconot_contrast" if name.startswith("coconot") else "xstest"
+        assert set(data.source[f.test]) == {held} and data.hard_negative[f.test].all()
+        assert held not in set(data.source[f.train])  # the held-out source trains on nothing
+        assert data.hard_negative[f.train].any() == name.endswith("(trained)")
+    # window fingerprints: one per window, and the window-max record has the fingerprint's width
+    n_windows = [len(w) for w in data.windows]
+    assert sum(n_windows) == sum(len(t.windows.counts) for t in long)
+    assert data.window_max().shape == data.X.shape
 
     det = tmp_path / "d.zip"
     result = runner.invoke(app, ["train", str(hf), "-l", "hf-eager", "-o", str(det)])
@@ -189,7 +229,19 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     body = json.loads(report.with_suffix(".json").read_text())
     lodo = body["sources"]["hf-eager"]["invariant"]["lodo"]
     assert set(lodo["folds"]) == {"alpha", "beta", "gamma"}
-    assert set(body["shared"]) == {"length", "tfidf"}
+    assert set(body["shared"]) == {"length", "tfidf", "minilm"}
+    # unseen real users: scored whole, with rates at thresholds set on the training world
+    users = body["sources"]["hf-eager"]["logreg"]["source"]["folds"]["toxicchat"]
+    assert users["n_harmful"] == 14 and users["n_benign"] == 26
+    assert 0 <= users["benign_fpr@1%"] <= 1 and 0 <= users["auprc"] <= 1
+    hn = body["sources"]["hf-eager"]["logreg"]["hard_negative"]["folds"]
+    assert hn["coconot (trained)"]["n_benign"] == 10 and "auroc_vs_harmful" in hn["coconot (trained)"]
+    # the content baselines read the planted tokens; the sentence model is a real one
+    assert body["shared"]["minilm"]["lodo"]["summary"]["mean_auroc"] > 0.8
+    assert body["shared"]["tfidf"]["source"]["folds"]["toxicchat"]["auroc"] > 0.8
+    win = body["windows"]
+    assert set(win["wrapper"]["folds"]) == {"dan_like", "prefix_injection", "style_injection"}
+    assert set(win["wrapper"]["summary"]) == {"request", "max", "record"}
     assert set(body["sources"]["vllm-fused-moe"]) == {"invariant", "logreg", "gbm", "volume"}
     # vLLM's fused kernel launches per layer, never per expert: the fingerprint is empty there and
     # only the launch volume (a function of prompt length) is left to read
@@ -204,6 +256,17 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     assert (report.parent / "figures" / "results-scores-hf-eager.png").stat().st_size > 1000
     text = report.read_text()
     assert "leave-one-domain-out" in text and "QQX" not in text
+    assert "## Goals" in text and "window pooling" in text and "text: minilm" in text
+    # a hand-written reading below the marker survives a rerun; the tables are regenerated
+    from routescan.cli.evaluate import HAND_WRITTEN
+
+    report.write_text(text + f"\n{HAND_WRITTEN}\n\n## Reading\n\nkept words\n")
+    args = ["evaluate", str(hf), "-l", "hf-eager", "--methods", "volume", "--baselines", "length"]
+    result = runner.invoke(app, [*args, "--no-windows", "-o", str(report), "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    again = report.read_text()
+    assert again.count(HAND_WRITTEN) == 1 and again.endswith("kept words\n")
+    assert "| hf-eager | volume |" in again and "| hf-eager | logreg |" not in again
 
 
 def test_invert_attacks_run_and_text_beats_fingerprints(

@@ -220,3 +220,25 @@ def test_settings_layers_yaml_env_and_flags(tmp_path, monkeypatch) -> None:
         assert "colour" in str(exc)
     else:
         raise AssertionError("an unknown setting was accepted")
+
+
+def test_the_shipped_reference_detector_loads_by_name_and_refuses_another_model(
+    tmp_path, synthetic_traces
+) -> None:
+    """The primary reference MoE's detector ships in the package; `--detector NAME` finds it, its
+    card says what it was trained on, and it will not score a tiny model's traces."""
+    from routescan.detector.artifact import Detector, detector_path, shipped_detectors
+
+    name = "smollm2-e32k16-shared-router"
+    assert name in shipped_detectors()
+    det = Detector.load(detector_path(name))
+    card = det.card
+    assert not card.demo and card.spec.launch_model == "router"
+    assert card.spec.model_id.startswith("smollm2-135m-instruct-e32k16-shared")
+    assert card.default_operating_point == "fpr1"
+    assert card.training["rows"] > 10_000 and "toxicchat:benign" in card.corpus["sources"]
+    assert det._linear is not None  # scored as one dot product
+    traces = tmp_path / "t.jsonl"
+    write_traces(traces, synthetic_traces[:3])
+    result, text = run("score", traces, "--detector", name, "--out", tmp_path / "s.jsonl", "--on-bad", "fail")
+    assert result.exit_code == 2 and "cannot score" in " ".join(text.split()), text

@@ -104,6 +104,18 @@ def collect(
     max_tokens: Annotated[
         int, typer.Option(help="Refuse longer requests (never truncates).", envvar="ROUTESCAN_MAX_TOKENS")
     ] = int(_D.get("max_tokens", 4096)),
+    window: Annotated[
+        int | None,
+        typer.Option(
+            help="Also keep the counts of every WINDOW prompt tokens of a longer prompt (what chunked "
+            "prefill sees): a short request inside a long template is then scored on its own window "
+            "too. Emulated collector only. Windows carry more about a prompt than its sum: see "
+            "docs/privacy.md.",
+            envvar="ROUTESCAN_WINDOW",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     chat_template: Annotated[
         bool | None,
         typer.Option(
@@ -194,7 +206,7 @@ def collect(
     friendly_errors(_collect)(
         prompts=prompts, out=out, model=model, tiny=tiny, seed=seed, corpus=corpus, corpora=corpora,
         text_column=text_column, id_column=id_column, label_column=label_column, skip_empty=skip_empty,
-        limit=limit, batch_size=batch_size, max_tokens=max_tokens, chat_template=chat_template,
+        limit=limit, batch_size=batch_size, max_tokens=max_tokens, window=window, chat_template=chat_template,
         system_prompt=system_prompt, model_id=model_id, attach_launches=attach_launches,
         experts_implementation=experts_implementation, collector=collector, resume=resume, dtype=dtype,
     )  # fmt: skip
@@ -259,8 +271,11 @@ def _collect(**kw) -> None:
             batch_size=kw["batch_size"],
             max_tokens=kw["max_tokens"],
             attach=kw["attach_launches"],
+            window=kw["window"],
         )
         requests = [Request(r.trace_id, r.text, row=r.row, labels=r.labels) for r in todo]
+        if callable(check := getattr(collector, "check_lengths", None)):
+            check(requests)
         with sink, ProgressLines("collecting", len(todo)) as bar:
             sink.collect(collector, requests, progress=bar.advance)
     final = sink.finish()

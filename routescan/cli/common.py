@@ -65,6 +65,7 @@ class ProgressLines:
     def __init__(self, label: str, total: int | None, *, every_s: float = 30.0) -> None:
         self.label, self.total, self.every_s = label, total, every_s
         self.done = 0
+        self.note = ""
         self._bar: Progress | None = None
         self._start = self._last = 0.0
 
@@ -78,8 +79,11 @@ class ProgressLines:
             self._task = self._bar.add_task(self.label, total=self.total)
         return self
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, note: str | None = None) -> None:
+        """Count ``n`` more items; ``note`` names the step now running (shown in the next line)."""
         self.done += n
+        if note is not None:
+            self.note = note
         if self._bar is not None:
             self._bar.advance(self._task, n)
         elif time.monotonic() - self._last >= self.every_s:
@@ -94,6 +98,8 @@ class ProgressLines:
         text += f", {rate * 60:,.1f}/min"
         if self.total and rate > 0:
             text += f", about {_duration((self.total - self.done) / rate)} left"
+        if self.note:
+            text += f" ({self.note})"
         console.print(text, highlight=False)
 
     def __exit__(self, *exc: object) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from tqdm import tqdm
 
-from routescan.cli.common import console, friendly_errors
+from routescan.cli.common import ProgressLines, console, friendly_errors
 
 # the signals compared by default: per-expert kernels, routing itself, and what fused kernels show
 COMPARED_SIGNALS = ("hf-eager", "router", "vllm-fused-moe")
+HAND_WRITTEN = "<!-- hand-written: kept by routescan evaluate -->"
 
 
 def evaluate(
@@ -46,6 +46,25 @@ def evaluate(
             "threads only: what any launch observer sees, the floor the fingerprint must beat)."
         ),
     ] = "invariant,logreg,gbm,volume",
+    baselines: Annotated[
+        str,
+        typer.Option(
+            help="Source-independent baselines, comma-separated: length (prompt length only), and with "
+            "--corpus the content auditors tfidf and minilm (sentence embeddings; extra 'baselines'). "
+            "They run once, on the first signal's rows.",
+        ),
+    ] = "length,tfidf,minilm",
+    primary: Annotated[
+        str, typer.Option(help="Telemetry method the goals table reads (the first signal's).")
+    ] = "logreg",
+    windows: Annotated[
+        bool,
+        typer.Option(
+            "--windows/--no-windows",
+            help="Window pooling on the first signal (traces collected with --window): request score "
+            "against max-pooled window scores and a window-max record.",
+        ),
+    ] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for AUROC intervals.")] = 1000,
     title: Annotated[str, typer.Option(help="Report title.")] = "Detection results",
     seed: Annotated[int, typer.Option()] = 0,
@@ -71,14 +90,19 @@ def evaluate(
       routescan evaluate runs/traces/smollm2.jsonl -l hf-eager -l router -l vllm-fused-moe \\
         --corpus configs/corpus/default.yaml -o docs/results.md
     """
-    friendly_errors(_evaluate)(traces, out, corpus, corpora, methods, bootstrap, title, seed, signal)
+    friendly_errors(_evaluate)(
+        traces, out, corpus, corpora, methods, baselines, primary, windows, bootstrap, title, seed, signal
+    )  # fmt: skip
 
 
-def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, signal) -> None:
+def _evaluate(
+    traces, out, corpus, corpora, methods, baselines, primary, windows, bootstrap, title, seed, signal
+) -> None:
     import numpy as np
 
+    from routescan.detector.content import Content, load_sentence_model
     from routescan.detector.dataset import LabelledSet
-    from routescan.detector.methods import TELEMETRY_METHODS
+    from routescan.detector.methods import CONTENT_METHODS, TELEMETRY_METHODS
     from routescan.detector.report import evaluate as run
     from routescan.detector.report import render_markdown, write_figures, write_json
     from routescan.features.fingerprint import derives_signals
@@ -90,6 +114,14 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, sig
         raise ValueError(
             f"unknown telemetry method(s) {unknown or methods!r}; choose from {', '.join(TELEMETRY_METHODS)}"
         )
+    shared = [m.strip() for m in baselines.split(",") if m.strip()]
+    bad = sorted(set(shared) - {"length", *CONTENT_METHODS})
+    if bad:
+        raise ValueError(f"unknown baseline(s) {bad}; choose from length, {', '.join(CONTENT_METHODS)}")
+    if corpus is None:
+        shared = [m for m in shared if m not in CONTENT_METHODS]
+    elif "minilm" in shared:
+        load_sentence_model()  # fail now, not after an hour of fits, when the package is missing
     sources: dict[str, LabelledSet] = {}
     for path in traces:
         rows = list(read_traces(path))
@@ -113,21 +145,27 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, sig
                 f"traces {missing} are not in corpus {corpus}; was it collected from another recipe?"
             )
     first = next(iter(sources.values()))
-    bar = tqdm(desc="evaluating", unit="fit", file=sys.stderr)
-
-    def progress(step: str) -> None:
-        bar.set_postfix_str(step[:60])
-        bar.update()
-
-    results = run(
-        sources,
-        texts=texts,
-        methods=chosen,
-        n_boot=bootstrap,
-        seed=seed,
-        progress=progress,
-    )
-    bar.close()
+    content = None
+    if texts is not None:
+        ids_kept = set(ids[0].tolist())
+        texts = {k: v for k, v in texts.items() if k in ids_kept}
+        if "minilm" in shared:
+            with ProgressLines("embedding texts (minilm baseline)", len(texts)) as emb:
+                content = Content(texts, progress=lambda done, _total: emb.advance(done - emb.done))
+                content.embeddings(sorted(texts))
+        else:
+            content = Content(texts)
+    with ProgressLines("evaluating (fits)", None) as bar:
+        results = run(
+            sources,
+            texts=content,
+            methods=chosen,
+            text_methods=shared,
+            windows=windows,
+            n_boot=bootstrap,
+            seed=seed,
+            progress=lambda step: bar.advance(1, step),
+        )
     command = "routescan evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     results["meta"] = {
         "model_id": first.spec.model_id,
@@ -145,7 +183,13 @@ def _evaluate(traces, out, corpus, corpora, methods, bootstrap, title, seed, sig
         + "\n".join(f"![{p.stem}](figures/{p.name})" for p in figures)
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(results, title=title, preamble=preamble), encoding="utf-8")
+    primary_pair = (next(iter(sources)), primary)
+    body = render_markdown(results, title=title, preamble=preamble, primary=primary_pair)
+    # a hand-written reading below the marker survives a rerun; the tables above it are regenerated
+    old = out.read_text(encoding="utf-8") if out.exists() else ""
+    if HAND_WRITTEN in old:
+        body += "\n" + old[old.index(HAND_WRITTEN) :]
+    out.write_text(body, encoding="utf-8")
     write_json(
         {k: v for k, v in results.items() if k not in ("curves", "distributions")}, out.with_suffix(".json")
     )

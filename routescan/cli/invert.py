@@ -28,16 +28,27 @@ def invert(
         str, typer.Option(help="Candidate pool sizes for retrieval, comma-separated.")
     ] = "100,1000",
     seed: Annotated[int, typer.Option()] = 0,
+    windows: Annotated[
+        bool,
+        typer.Option(
+            "--windows/--no-windows",
+            help="Attack the window-pooled record (the fingerprint beside the feature-wise max over "
+            "its windows of W tokens, traces from collect --window) instead of the fingerprint "
+            "alone: what keeping windows gives away.",
+        ),
+    ] = False,
     launch_model: SignalOption = None,
 ) -> None:
     """Train attackers that try to recover prompt content from routing fingerprints, and the same
     attackers on the prompt text as the upper reference (a research setting: the prompts are rebuilt
     from the corpus in memory by request id, never read from a trace). Held-out evaluation, fixed seeds.
     """
-    friendly_errors(_invert)(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, launch_model)
+    friendly_errors(_invert)(
+        traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, launch_model, windows
+    )  # fmt: skip
 
 
-def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, launch_model) -> None:
+def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, launch_model, windows) -> None:
     import numpy as np
 
     from routescan.corpus.builder import CorpusConfig, build_corpus
@@ -59,8 +70,17 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, l
         raise ValueError(f"only {len(rows)} traces match the corpus; the attacks need a few hundred at least")
     spec = FingerprintSpec.from_trace(rows[0], launch_model)
     ex = [examples[t.trace_id] for t in rows]
+    X = spec.transform_many(rows)
+    if windows:
+        from routescan.detector.dataset import LabelledSet
+
+        if not any(t.windows is not None for t in rows):
+            raise ValueError(f"{traces}: no trace has windows; collect with --window W")
+        # the same record the window-pooled detector reads (LabelledSet derives it, once)
+        labelled = LabelledSet.from_traces(rows, spec)
+        X = np.concatenate([X, labelled.window_max()], axis=1)
     data = AttackData(
-        X=spec.transform_many(rows),
+        X=X,
         texts=[e.text for e in ex],
         tokens=np.array([t.prompt_tokens for t in rows], dtype=float),
         source=np.array([e.source for e in ex]),
@@ -68,7 +88,11 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, l
     )
     console.print(f"attacking {len(rows)} fingerprints of {spec.model_id} ({spec.launch_model})")
     results = run_attacks(data, top_n=top_n, seed=seed, pools=[int(p) for p in pools.split(",") if p])
-    results.update(model_id=spec.model_id, launch_model=spec.launch_model)
+    results.update(
+        model_id=spec.model_id,
+        launch_model=spec.launch_model,
+        representation="fingerprint + window max" if windows else "fingerprint",
+    )
     command = "routescan invert " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     fig = figure(results, out.parent / "figures" / f"{out.stem}.png")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from routescan.cli.common import ProgressLines, console, friendly_errors
-from routescan.detector.artifact import Detector, DetectorMismatch, default_detector_path
+from routescan.detector.artifact import Detector, DetectorMismatch
+from routescan.detector.artifact import detector_path as resolve_detector
 from routescan.detector.scoring import (
     InputRejected,
     Scorer,
@@ -31,7 +32,12 @@ def score(
     traces: Annotated[Path, typer.Argument(help="Trace file (.jsonl or .parquet).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Scores, .jsonl or .csv (one row per trace).")],
     detector: Annotated[
-        Path | None, typer.Option(help="Detector file (default: the demo detector).", show_default=False)
+        Path | None,
+        typer.Option(
+            help="Detector file, or a shipped reference detector's name (e.g. smollm2-e32k16-shared-router). "
+            "Default: the demo detector.",
+            show_default=False,
+        ),
     ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="Flag at or above this score.", show_default=False)
@@ -84,7 +90,7 @@ def _score(
         raise ValueError("--on-bad must be 'skip' or 'fail'")
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ValueError(f"{out}: write scores as .jsonl or .csv")
-    det = Detector.load(detector_path or default_detector_path())
+    det = Detector.load(resolve_detector(detector_path))
     card = det.card
     point = resolve_operating_point(card, fpr=fpr, threshold=threshold)
     scorer = Scorer(det, point)

@@ -41,7 +41,9 @@ def serve(
     detector: Annotated[
         Path | None,
         typer.Option(
-            help="Detector file (default: the demo detector shipped in the package).", show_default=False
+            help="Detector file, or the name of a reference detector shipped in the package (e.g. "
+            "smollm2-e32k16-shared-router: routescan/detector/reference/). Default: the demo detector.",
+            show_default=False,
         ),
     ] = None,
     operating_point: Annotated[

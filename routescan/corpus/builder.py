@@ -69,8 +69,13 @@ class ExtraSource(_Strict):
     """A benchmark file in its published format (see routescan.corpus.raw), added to the corpus."""
 
     format: str
-    path: str
-    domain: str | None = Field(None, description="Harm domain of its harmful rows (default: its own group)")
+    path: str = Field(description="The file, relative to the corpora folder unless absolute")
+    domain: str | None = Field(
+        None,
+        description="Harm domain of harmful rows the loader does not map to one (default: its own "
+        "group, extra_<format>); 'unmapped' makes them a training group that is never held out",
+    )
+    count: int | None = Field(None, ge=1, description="Keep a seeded sample of at most this many rows")
 
 
 class CorpusConfig(_Strict):
@@ -191,16 +196,21 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _extras(config: CorpusConfig, seen: set[str]) -> list[Example]:
-    """Rows of ``extra_sources``, minus any request already in the corpus (same text, any case)."""
+def _extras(corpora: Path, config: CorpusConfig, seen: set[str]) -> list[Example]:
+    """Rows of ``extra_sources``, minus any request already in the corpus (same text, any case);
+    each source's ``count`` is a sample seeded by the recipe's seed and the source's position."""
     out = []
     for n, extra in enumerate(config.extra_sources):
-        for i, p in enumerate(load_raw(extra.format, extra.path)):
+        path = Path(extra.path) if Path(extra.path).is_absolute() else corpora / extra.path
+        rows = list(enumerate(load_raw(extra.format, path)))
+        if extra.count is not None and extra.count < len(rows):
+            rows = sorted(random.Random(f"{config.seed}:{n}").sample(rows, extra.count), key=lambda r: r[0])
+        for i, p in rows:
             if _norm(p.text) in seen:
                 continue
             seen.add(_norm(p.text))
             ident = f"x{n}-{token(extra.format)}-{i:05d}"
-            domain = (extra.domain or f"extra_{extra.format}") if p.label else "benign"
+            domain = (p.domain or extra.domain or f"extra_{extra.format}") if p.label else "benign"
             out.append(
                 Example(
                     ident,
@@ -211,7 +221,7 @@ def _extras(config: CorpusConfig, seen: set[str]) -> list[Example]:
                     ident,
                     p.source,
                     hard_negative=p.hard_negative,
-                    file=str(extra.path),
+                    file=extra.path,
                     row=i,
                 )
             )
@@ -247,7 +257,7 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
     examples = [_plain(r, config) for r in harmful_rows]
     examples += [_plain(r, config) for r in sorted(plain_benign, key=lambda r: r.row)]
     examples += [_plain(r, config) for r in hard]
-    examples += _extras(config, {_norm(e.text) for e in examples})
+    examples += _extras(Path(corpora), config, {_norm(e.text) for e in examples})
 
     wrap = config.wrapping
     wrappers = [w for w in load_wrappers(corpora) if len(w.template) <= wrap.max_template_chars]
@@ -258,7 +268,9 @@ def build_corpus(corpora: str | Path, config: CorpusConfig) -> list[Example]:
     unknown = sorted(set(chosen) - set(families))
     if unknown:
         raise ValueError(f"unknown wrapper families {unknown}; known: {', '.join(sorted(families))}")
-    harmful_plain = [e for e in examples if e.label == 1]
+    # wrapped harmful requests come from the benchmark set only, so the wrapper protocol keeps one
+    # meaning across recipes (extra sources add plain rows)
+    harmful_plain = [e for e in examples if e.label == 1 and e.file == "harmful.csv"]
     spare = [_plain(r, config) for r in spare_benign]
     needed = wrap.benign_per_family * len(chosen)
     if len(spare) < needed:

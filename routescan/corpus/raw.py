@@ -20,8 +20,9 @@ class RawPrompt:
     text: str = field(repr=False)
     label: int  # 1 harmful, 0 benign
     source: str
-    category: str = ""
+    category: str = ""  # the source's own category name
     hard_negative: bool = False  # benign but looks unsafe (XSTest safe, JBB benign)
+    domain: str | None = None  # the harm domain (of harmful.csv) the loader maps the category to
 
 
 def _csv(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, str]]:
@@ -83,6 +84,71 @@ def donotanswer(path: Path) -> Iterator[RawPrompt]:
                     yield RawPrompt(item["prompt"], 1, "donotanswer", file.stem)
 
 
+def unified(path: Path) -> Iterator[RawPrompt]:
+    """A unified CSV with a ``label`` column (``prompt, source, subtype, label, hard_negative``): the
+    layout of ``extra/toxicchat_train.csv``, ``arena_hard.csv`` and ``coconot.csv``. The row's own
+    ``source`` names it, so one file can hold several sources."""
+    for number, r in enumerate(_csv(path, ("prompt", "label")), 2):
+        if r["label"].strip() not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: label must be 0 (benign) or 1 (harmful)")
+        yield RawPrompt(
+            r["prompt"],
+            int(r["label"]),
+            r.get("source") or path.stem,
+            r.get("subtype", ""),
+            hard_negative=r.get("hard_negative", "").strip() == "1",
+        )
+
+
+# CategoricalHarmfulQA's 11 categories, in the harm domains of harmful.csv; "" = no clear domain
+# (economic harm and political campaigning span several): the recipe's fallback group takes them.
+CATQA_DOMAINS = {
+    "Illegal Activity": "drugs_illegal_goods",
+    "Child Abuse": "sexual_content",
+    "Hate/Harass/Violence": "hate_harassment",
+    "Malware Viruses": "cyber_malware",
+    "Physical Harm": "violence_weapons",
+    "Economic Harm": "",
+    "Fraud/Deception": "fraud_financial_crime",
+    "Adult Content": "sexual_content",
+    "Political Campaigning": "",
+    "Privacy Violation Activity": "privacy",
+    "Tailored Financial Advice": "regulated_advice",
+}
+_LANGUAGE_CODES = {"english": "en", "chinese": "zh", "vietnamese": "vi"}
+
+
+def _nested_questions(path: Path) -> Iterator[tuple[str, str]]:
+    """(category, question) of a ``{category: {subcategory: [question, ...]}}`` JSON file."""
+    with path.open(encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected {{category: {{subcategory: [questions]}}}}")
+    for category, subs in data.items():
+        if not isinstance(subs, dict):
+            raise ValueError(f"{path}: category entries must map subcategories to question lists")
+        for questions in subs.values():
+            for q in questions:
+                if isinstance(q, str):
+                    yield category, q
+
+
+def catqa(path: Path) -> Iterator[RawPrompt]:
+    """CategoricalHarmfulQA (``catqa_<language>.json``): 550 harmful questions per language. The
+    source names the language (``catqa_zh``), the category its harm domain (``CATQA_DOMAINS``)."""
+    lang = path.stem.removeprefix("catqa_")
+    source = f"catqa_{_LANGUAGE_CODES.get(lang, lang)}"
+    for category, question in _nested_questions(path):
+        yield RawPrompt(question, 1, source, category, domain=CATQA_DOMAINS.get(category) or None)
+
+
+def harmfulqa(path: Path) -> Iterator[RawPrompt]:
+    """HarmfulQA (``harmfulqa.json``): LLM-written harmful questions by academic topic. The topic is
+    not a harm domain, so no domain is mapped (the recipe's fallback group)."""
+    for topic, question in _nested_questions(path):
+        yield RawPrompt(question, 1, "harmfulqa", topic)
+
+
 RAW_FORMATS: dict[str, Callable[[Path], Iterator[RawPrompt]]] = {
     "harmbench": harmbench,
     "jbb": jbb,
@@ -90,6 +156,9 @@ RAW_FORMATS: dict[str, Callable[[Path], Iterator[RawPrompt]]] = {
     "xstest": xstest,
     "advbench": advbench,
     "donotanswer": donotanswer,
+    "unified": unified,
+    "catqa": catqa,
+    "harmfulqa": harmfulqa,
 }
 
 

@@ -39,6 +39,8 @@ TRUSTED_TYPES = frozenset(
         "routescan.detector.invariant.InvariantRiskClassifier",
         "sklearn.calibration._CalibratedClassifier",
         "sklearn.calibration._SigmoidCalibration",
+        # the calibration folds of routescan train's detectors: one fold number per training row
+        "sklearn.model_selection._split.PredefinedSplit",
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     }
 )
@@ -64,6 +66,23 @@ def type_name(obj: object) -> str:
 def default_detector_path() -> Path:
     """The demo detector shipped inside the package (see routescan/detector/default/MODEL_CARD.md)."""
     return Path(str(resources.files("routescan.detector") / "default" / "demo-detector.zip"))
+
+
+def shipped_detectors() -> dict[str, Path]:
+    """The reference detectors shipped in the package (routescan/detector/reference/), by name."""
+    folder = Path(str(resources.files("routescan.detector") / "reference"))
+    return {p.stem: p for p in sorted(folder.glob("*.zip"))} if folder.is_dir() else {}
+
+
+def detector_path(value: str | Path | None) -> Path:
+    """Where a ``--detector`` value points: nothing is the demo detector; the name of a shipped
+    reference detector (``routescan info`` lists them) is its file; anything else is a path."""
+    if value is None:
+        return default_detector_path()
+    path = Path(value)
+    if not path.exists() and str(value) in (shipped := shipped_detectors()):
+        return shipped[str(value)]
+    return path
 
 
 class DetectorError(ValueError):
@@ -119,13 +138,27 @@ class DetectorCard(BaseModel):
 
 
 def _linear_form(estimator: Any) -> tuple[np.ndarray, float] | None:
-    """(w, b) when the estimator is StandardScaler + binary LogisticRegression, so scoring one
+    """(w, b) when the estimator is StandardScaler + binary LogisticRegression (or an estimator with
+    ``linear_form``), alone or inside a one-model sigmoid ``CalibratedClassifierCV``, so scoring one
     request is a dot product instead of a trip through sklearn's validation (~50x faster; the
     same numbers, checked by a test)."""
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if isinstance(estimator, CalibratedClassifierCV):
+        # one refit model + one sigmoid on its decision function (ensemble=False): still a dot product
+        fitted = getattr(estimator, "calibrated_classifiers_", None)
+        if estimator.method != "sigmoid" or not fitted or len(fitted) != 1:
+            return None
+        inner = _linear_form(fitted[0].estimator)
+        calibrator = fitted[0].calibrators[0]
+        if inner is None or len(fitted[0].calibrators) != 1:
+            return None
+        # _SigmoidCalibration: p = expit(-(a * f + b))
+        a, b = float(calibrator.a_), float(calibrator.b_)
+        return -a * inner[0], -(a * inner[1] + b)
     if callable(getattr(estimator, "linear_form", None)):
         weights, bias = estimator.linear_form()
         return np.asarray(weights, dtype=np.float64), float(bias)

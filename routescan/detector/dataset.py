@@ -29,11 +29,16 @@ class LabelledSet:
     domain: np.ndarray
     family: np.ndarray
     base: np.ndarray
+    # the dataset a request came from (toxicchat, xstest, ...): the unit of leave-one-source-out
+    source: np.ndarray
     hard_negative: np.ndarray
     prompt_tokens: np.ndarray
     # every prefill thread the trace launched, per-layer launches included: what an observer who
     # cannot attribute launches to experts still sees (for vLLM's fused MoE, a function of length)
     launched: np.ndarray
+    # per request, the fingerprints of its windows of W prompt tokens (``collect --window``), an
+    # object array of ``(n_windows, dim)`` matrices; ``(0, dim)`` for a request without windows
+    windows: np.ndarray
 
     def __len__(self) -> int:
         return len(self.y)
@@ -78,6 +83,13 @@ class LabelledSet:
             return np.array([str(t.labels.get(key, default)) for t in traces])
 
         y = np.array([int(float(t.labels["label"])) for t in traces])
+        windowed = [t.window_traces() if t.windows is not None else [] for t in traces]
+        flat = spec.transform_many([w for ws in windowed for w in ws]) if any(windowed) else None
+        windows = np.empty(len(traces), dtype=object)
+        start = 0
+        for i, ws in enumerate(windowed):
+            windows[i] = (flat[start : start + len(ws)] if ws else np.empty((0, spec.dim))).astype(np.float32)
+            start += len(ws)
         if set(np.unique(y)) - {0, 1}:
             raise ValueError("labels must be 0 (benign) or 1 (harmful)")
         return cls(
@@ -88,7 +100,16 @@ class LabelledSet:
             domain=np.where(y == 1, col("domain", "unmapped"), BENIGN_GROUP),
             family=col("family", PLAIN),
             base=np.array([str(t.labels.get("base", t.trace_id)) for t in traces]),
+            source=col("source", "unknown"),
             hard_negative=col("hard_negative", 0) == "1",
             prompt_tokens=np.array([t.prompt_tokens for t in traces], dtype=np.float64),
             launched=spec.launched(traces),
+            windows=windows,
         )
+
+    def window_max(self) -> np.ndarray:
+        """Per request, the feature-wise maximum over its windows (its own fingerprint when it has
+        none): a fixed-length record that keeps a short request inside a long template visible."""
+        return np.stack(
+            [w.max(axis=0) if len(w) else x for w, x in zip(self.windows, self.X, strict=True)]
+        ).astype(np.float64)

@@ -16,18 +16,29 @@ and a useful size in every training environment (harm domain, or jailbreak wrapp
 3. repeats step 1-2 on half-subsamples (stability selection) and keeps features selected in at least
    ``stability`` of them, so one lucky split does not decide;
 4. fits a group-balanced logistic regression on the kept features (each environment weighs the same,
-   so a big domain cannot buy the decision boundary), and
-5. calibrates probabilities by Platt scaling on out-of-fold scores over environment folds; those
-   out-of-fold scores also set the operating points (``oof_proba_``).
+   so a big domain cannot buy the decision boundary).
+
+Calibration, the hyper-parameter search and the environment folds are scikit-learn's own
+(``CalibratedClassifierCV``, ``GridSearchCV``, the :class:`EnvironmentKFold` splitter), put
+together in :mod:`routescan.detector.train`; the estimator passes ``check_estimator``.
 
 Measured alternatives (plain and group-balanced LR, gradient boosting) are in docs/results.md.
 """
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
 import numpy as np
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import BaseCrossValidator
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 
@@ -75,29 +86,54 @@ def group_effects(
     return (pos_m - neg_m) / pooled, [names[e] for e in env]
 
 
+class EnvironmentKFold(BaseCrossValidator):
+    """K folds that keep each environment holding harmful rows whole, so out-of-fold scores are
+    scores on unseen environments; rows of benign-only groups are spread over all folds (one benign
+    pool would otherwise leave a fold without negatives). A scikit-learn splitter: hand it to
+    ``GridSearchCV`` / ``CalibratedClassifierCV`` / ``cross_val_predict`` with ``groups``."""
+
+    # under metadata routing, ask for ``groups`` by default, as scikit-learn's group splitters do
+    __metadata_request__split: ClassVar[dict[str, bool]] = {"groups": True}
+
+    def __init__(self, n_splits: int = 5, *, random_state: int | np.random.RandomState | None = 0) -> None:
+        self.n_splits = n_splits
+        self.random_state = random_state
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        if y is None or groups is None:
+            return self.n_splits
+        return max(2, min(self.n_splits, len(np.unique(np.asarray(groups).astype(str)[np.asarray(y) == 1]))))
+
+    def split(self, X, y=None, groups=None):
+        if y is None or groups is None:
+            raise ValueError("EnvironmentKFold needs y and groups (the environment of every row)")
+        y = np.asarray(y)
+        groups = np.asarray(groups).astype(str)
+        rng = np.random.default_rng(check_random_state(self.random_state).randint(2**31))
+        with_pos = rng.permutation(np.unique(groups[y == np.max(y)]))
+        k = self.get_n_splits(X, y, groups)
+        fold = np.empty(len(y), dtype=int)
+        for i, g in enumerate(with_pos):
+            fold[groups == g] = i % k
+        rest = np.flatnonzero(~np.isin(groups, with_pos))
+        fold[rest] = rng.permutation(np.arange(len(rest)) % k)
+        for f in range(k):
+            te = np.flatnonzero(fold == f)
+            tr = np.flatnonzero(fold != f)
+            if len(np.unique(y[tr])) < 2 or not te.size:
+                raise ValueError("too few environments to build folds with both classes; give more groups")
+            yield tr, te
+
+    def _iter_test_indices(self, X=None, y=None, groups=None):  # pragma: no cover - split() is overridden
+        for _, te in self.split(X, y, groups):
+            yield te
+
+
 def environment_kfold(
     y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K folds that keep each environment holding harmful rows whole (so out-of-fold scores are
-    scores on unseen environments), while rows of benign-only groups are spread over all folds (one
-    benign pool would otherwise leave a fold without negatives)."""
-    groups = np.asarray(groups).astype(str)
-    rng = np.random.default_rng(seed)
-    with_pos = rng.permutation(np.unique(groups[y == 1]))
-    k = max(2, min(n_splits, len(with_pos)))
-    fold = np.empty(len(y), dtype=int)
-    for i, g in enumerate(with_pos):
-        fold[groups == g] = i % k
-    rest = np.flatnonzero(~np.isin(groups, with_pos))
-    fold[rest] = rng.permutation(np.arange(len(rest)) % k)
-    out = []
-    for f in range(k):
-        te = np.flatnonzero(fold == f)
-        tr = np.flatnonzero(fold != f)
-        if len(np.unique(y[tr])) < 2 or not te.size:
-            raise ValueError("too few environments to build folds with both classes; give more groups")
-        out.append((tr, te))
-    return out
+    """:class:`EnvironmentKFold`'s splits as a list."""
+    return list(EnvironmentKFold(n_splits, random_state=seed).split(None, y, groups))
 
 
 def invariance_scores(effects: np.ndarray, quantile: float) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +148,11 @@ def invariance_scores(effects: np.ndarray, quantile: float) -> tuple[np.ndarray,
 class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
     """Harm classifier that keeps only risk indicators stable across training environments.
 
+    Binary: the larger of the two labels is the harmful class (``classes_[1]``). Probabilities are a
+    logistic link on the decision function, uncalibrated: wrap the estimator in
+    ``CalibratedClassifierCV`` (with :class:`EnvironmentKFold` folds) for probabilities to trust, as
+    :func:`routescan.detector.train.fit_detector` does.
+
     Parameters
     ----------
     min_effect : keep features whose low-quantile aligned effect is at least this (Cohen's d units);
@@ -122,11 +163,19 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
     max_features : keep at most this many (highest score) features; None = no cap.
     C : inverse L2 strength of the logistic regression.
     balance_groups : weigh every environment (and class) equally in the regression.
-    calibrate : Platt-scale on out-of-fold scores over environment folds (turn off for inner searches,
-        where only ranking matters).
-    cv : environment folds for calibration.
-    random_state : seed of the subsamples and folds.
+    random_state : seed of the subsamples (int, RandomState or None).
     """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "min_effect": [Interval(Real, 0, None, closed="left"), None],
+        "quantile": [Interval(Real, 0, 1, closed="both")],
+        "stability": [Interval(Real, 0, 1, closed="both")],
+        "n_subsamples": [Interval(Integral, 1, None, closed="left")],
+        "max_features": [Interval(Integral, 1, None, closed="left"), None],
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "balance_groups": ["boolean"],
+        "random_state": ["random_state"],
+    }
 
     def __init__(
         self,
@@ -137,9 +186,7 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
         max_features: int | None = None,
         C: float = 0.1,
         balance_groups: bool = True,
-        calibrate: bool = True,
-        cv: int = 5,
-        random_state: int = 0,
+        random_state: int | np.random.RandomState | None = 0,
     ) -> None:
         self.min_effect = min_effect
         self.quantile = quantile
@@ -148,14 +195,17 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
         self.max_features = max_features
         self.C = C
         self.balance_groups = balance_groups
-        self.calibrate = calibrate
-        self.cv = cv
         self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
 
     # -- selection ---------------------------------------------------------------------------
     def _select(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, rng: np.random.Generator):
         X2 = X * X
-        effects, envs = group_effects(X, y, groups, X2=X2)
+        effects, envs = group_effects(X, y, groups, min_positives=self._min_positives(y), X2=X2)
         score, sign = invariance_scores(effects, self.quantile)
         if self.min_effect is None:
             # no selection: stability votes could not change the outcome, so they are not paid for
@@ -172,6 +222,12 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
             idx = idx[np.argsort(-score[idx])[: self.max_features]]
         return np.sort(idx), score, freq, sign, envs
 
+    @staticmethod
+    def _min_positives(y: np.ndarray) -> int:
+        # an environment needs a few harmful rows to measure an effect; tiny inputs (one group of a
+        # handful of rows) still get one environment
+        return int(min(5, max(1, np.sum(y == 1))))
+
     def _stability(self, X, X2, y, groups, rng: np.random.Generator) -> np.ndarray:
         """Share of stratified half-subsamples in which each feature clears ``min_effect``."""
         votes = np.zeros(X.shape[1])
@@ -181,7 +237,9 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
             for rows in members:
                 half[rng.choice(rows, size=max(1, len(rows) // 2), replace=False)] = 1.0
             try:
-                sub, _ = group_effects(X, y, groups, weights=half, X2=X2)
+                sub, _ = group_effects(
+                    X, y, groups, min_positives=self._min_positives(y), weights=half, X2=X2
+                )
             except ValueError:
                 continue
             s, _ = invariance_scores(sub, self.quantile)
@@ -193,78 +251,67 @@ class InvariantRiskClassifier(ClassifierMixin, BaseEstimator):
         if not self.balance_groups:
             for c in (0, 1):
                 w[y == c] = len(y) / (2.0 * max(np.sum(y == c), 1))
-            return w
-        # every (group, class) cell gets the same total weight within its class
-        for c in (0, 1):
-            cells = [g for g in np.unique(groups[y == c])]
-            for g in cells:
-                m = (groups == g) & (y == c)
-                w[m] = len(y) / (2.0 * len(cells) * m.sum())
+        else:
+            # every (group, class) cell gets the same total weight within its class
+            for c in (0, 1):
+                cells = list(np.unique(groups[y == c]))
+                for g in cells:
+                    m = (groups == g) & (y == c)
+                    w[m] = len(y) / (2.0 * len(cells) * m.sum())
         return w
 
-    def _fit_core(self, X, y, groups, rng):
-        idx, score, freq, sign, envs = self._select(X, y, groups, rng)
+    def fit(self, X, y, groups=None) -> InvariantRiskClassifier:
+        """Fit on ``X``, binary ``y`` (any two labels) and the environment of every row (``groups``;
+        without it, one environment per class, which makes selection a plain effect-size filter)."""
+        self._validate_params()
+        X, y = validate_data(self, X, y, dtype=np.float64, reset=True)
+        y_type = type_of_target(y, input_name="y", raise_unknown=True)
+        if y_type != "binary":
+            raise ValueError(
+                f"Only binary classification is supported. The type of the target is {y_type}: "
+                "give labels of two classes (benign, harmful), both present."
+            )
+        encoder = LabelEncoder().fit(y)
+        if len(encoder.classes_) < 2:
+            raise ValueError("training needs two classes (benign and harmful); got 1 class")
+        self.classes_ = encoder.classes_
+        y01 = encoder.transform(y)
+        if groups is None:
+            groups = np.where(y01 == 1, "harmful", "benign")
+        groups = np.asarray(groups).astype(str)
+        if groups.shape[0] != y01.shape[0]:
+            raise ValueError(f"groups has {groups.shape[0]} entries for {y01.shape[0]} rows")
+        seed = check_random_state(self.random_state).randint(2**31)
+        idx, score, freq, sign, envs = self._select(X, y01, groups, np.random.default_rng(seed))
         Z = X[:, idx]
         mean, scale = Z.mean(axis=0), Z.std(axis=0) + 1e-9
         clf = LogisticRegression(C=self.C, max_iter=5000)
-        clf.fit((Z - mean) / scale, y, sample_weight=self._weights(y, groups))
+        clf.fit((Z - mean) / scale, y01, sample_weight=self._weights(y01, groups))
         w = np.zeros(X.shape[1])
         w[idx] = clf.coef_[0] / scale
-        b = float(clf.intercept_[0] - (mean / scale) @ clf.coef_[0])
-        return w, b, idx, score, freq, sign, envs
-
-    def fit(self, X, y, groups=None) -> InvariantRiskClassifier:
-        X, y = validate_data(self, X, y, dtype=np.float64, reset=True)
-        self.classes_ = np.unique(y)
-        if list(self.classes_) != [0, 1]:
-            raise ValueError("labels must be 0 (benign) and 1 (harmful), both present")
-        groups = np.asarray(groups if groups is not None else np.where(y == 1, "harmful", "benign")).astype(
-            str
-        )
-        if groups.shape[0] != y.shape[0]:
-            raise ValueError(f"groups has {groups.shape[0]} entries for {y.shape[0]} rows")
-        rng = np.random.default_rng(self.random_state)
-        w, b, idx, score, freq, sign, envs = self._fit_core(X, y, groups, rng)
-        self.coef_, self.intercept_ = w, b
+        self.coef_ = w
+        self.intercept_ = float(clf.intercept_[0] - (mean / scale) @ clf.coef_[0])
         self.selected_ = idx
         self.invariance_score_, self.selection_frequency_, self.effect_sign_ = score, freq, sign
         self.environments_ = envs
-        self.calibration_ = (1.0, 0.0)
-        self.oof_proba_ = None
-        if self.calibrate:
-            oof = self._oof_decision(X, y, groups)
-            platt = LogisticRegression(C=1e6, max_iter=1000).fit(oof[:, None], y)
-            self.calibration_ = (float(platt.coef_[0, 0]), float(platt.intercept_[0]))
-            self.oof_proba_ = self._sigmoid(oof)
         return self
 
-    def _oof_decision(self, X, y, groups) -> np.ndarray:
-        oof = np.zeros(len(y))
-        for k, (tr, te) in enumerate(environment_kfold(y, groups, self.cv, self.random_state)):
-            rng = np.random.default_rng(self.random_state + 1 + k)
-            w, b, *_ = self._fit_core(X[tr], y[tr], groups[tr], rng)
-            oof[te] = X[te] @ w + b
-        return oof
-
     # -- prediction --------------------------------------------------------------------------
-    def _sigmoid(self, d: np.ndarray) -> np.ndarray:
-        a, c = self.calibration_
-        return 1.0 / (1.0 + np.exp(-(a * d + c)))
-
     def decision_function(self, X) -> np.ndarray:
+        """Higher = more harmful (``classes_[1]``)."""
         check_is_fitted(self, "coef_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
         return X @ self.coef_ + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
-        p = self._sigmoid(self.decision_function(X))
+        p = expit(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X) -> np.ndarray:
-        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+        harmful = self.decision_function(X) > 0
+        return self.classes_[harmful.astype(int)]
 
     def linear_form(self) -> tuple[np.ndarray, float]:
-        """(w, b) with ``predict_proba(X)[:, 1] == sigmoid(X @ w + b)``: the service's fast path."""
+        """(w, b) with ``predict_proba(X)[:, 1] == expit(X @ w + b)``: the service's fast path."""
         check_is_fitted(self, "coef_")
-        a, c = self.calibration_
-        return a * self.coef_, a * self.intercept_ + c
+        return self.coef_, self.intercept_

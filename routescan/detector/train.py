@@ -1,23 +1,35 @@
-"""Train a detector from a fingerprint table and a label column.
+"""Train detectors: operating points always come from out-of-fold scores, so no threshold is set
+on the rows that fitted the model.
 
-This is the plain baseline (standardised fingerprints, class-balanced logistic regression) that
-the service ships as its demo default. Operating points come from out-of-fold scores, so the
-thresholds are not fitted on the rows that set them.
+- :func:`train_detector`: the plain baseline (standardised fingerprints, class-balanced logistic
+  regression) from any fingerprint table and label column, stratified folds; the demo default.
+- :func:`fit_detector`: a detector from labelled corpus traces (``routescan train``): folds that hold
+  whole environments out (:class:`~routescan.detector.invariant.EnvironmentKFold`), probabilities
+  from ``CalibratedClassifierCV`` (sigmoid, on those folds' out-of-fold scores, one refit model), and
+  for the invariant estimator its hyper-parameters from ``GridSearchCV`` on inner held-out
+  environments.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn import config_context
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import PredefinedSplit, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from routescan.detector.artifact import Detector, DetectorCard, OperatingPoint
+from routescan.detector.dataset import LabelledSet
+from routescan.detector.invariant import EnvironmentKFold
 from routescan.features.fingerprint import FingerprintSpec
+
+DETECTOR_METHODS = ("logreg", "invariant")
 
 
 def baseline_estimator(C: float = 1.0, seed: int = 0) -> Pipeline:
@@ -88,3 +100,79 @@ def train_detector(
         notes=notes,
     )
     return Detector(estimator, card)
+
+
+def forget_requests(estimator: Any) -> None:
+    """Drop the metadata-routing requests (``set_fit_request``) from a fitted estimator and those
+    inside it: they only matter while fitting, and skops cannot save them (it recurses)."""
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> None:
+        if id(obj) in seen or not hasattr(obj, "get_params"):
+            return
+        seen.add(id(obj))
+        vars(obj).pop("_metadata_request", None)
+        for value in vars(obj).values():
+            for item in value if isinstance(value, list | tuple) else [value]:
+                walk(getattr(item, "estimator", None) if hasattr(item, "calibrators") else item)
+
+    walk(estimator)
+
+
+@dataclass
+class FittedDetector:
+    estimator: CalibratedClassifierCV
+    # calibrated out-of-fold harm probabilities of the training rows: where operating points come from
+    oof_proba: np.ndarray
+    description: str
+    search: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit_detector(
+    data: LabelledSet, *, method: str = "logreg", seed: int = 0, n_splits: int = 5
+) -> FittedDetector:
+    """A calibrated detector on every row of ``data`` (drop hard negatives first unless they should
+    train as benign). ``method``: ``logreg`` (standardised fingerprints, class-balanced logistic
+    regression) or ``invariant`` (:class:`InvariantRiskClassifier`, searched)."""
+    from routescan.detector.methods import logreg_pipeline, search_invariant
+
+    if method not in DETECTOR_METHODS:
+        raise ValueError(f"unknown detector method '{method}'; choose from {', '.join(DETECTOR_METHODS)}")
+    env = data.environments()
+    # environments held out whole: out-of-fold scores are scores on unseen domains / families
+    # one fold number per row (PredefinedSplit): CalibratedClassifierCV(ensemble=False) does not pass
+    # groups to its splitter, and a fold array is smaller in the artifact than a list of index pairs
+    test_fold = np.empty(len(data), dtype=np.int64)
+    for k, (_, te) in enumerate(EnvironmentKFold(n_splits, random_state=seed).split(data.X, data.y, env)):
+        test_fold[te] = k
+    folds = PredefinedSplit(test_fold)
+    table: list[dict[str, Any]] = []
+    if method == "invariant":
+        search = search_invariant(data, seed=seed)
+        base = search.best_estimator_
+        table = [
+            {**params, "inner_auroc": float(score)}
+            for params, score in zip(
+                search.cv_results_["params"], search.cv_results_["mean_test_score"], strict=True
+            )
+        ]
+        described = (
+            f"InvariantRiskClassifier({', '.join(f'{k}={v}' for k, v in search.best_params_.items())})"
+        )
+    else:
+        base = logreg_pipeline(seed)
+        described = "StandardScaler + LogisticRegression(class_weight=balanced, C=1)"
+    # metadata routing hands every row's environment to the invariant estimator's fit
+    params = {"groups": env} if method == "invariant" else {}
+    with config_context(enable_metadata_routing=True):
+        calibrated = CalibratedClassifierCV(base, method="sigmoid", cv=folds, ensemble=False)
+        calibrated.fit(data.X, data.y, **params)
+        oof = cross_val_predict(base, data.X, data.y, cv=folds, method="decision_function", params=params)
+    forget_requests(calibrated)
+    calibrator = calibrated.calibrated_classifiers_[0].calibrators[0]
+    return FittedDetector(
+        calibrated,
+        np.clip(calibrator.predict(oof), 0.0, 1.0),
+        f"CalibratedClassifierCV(sigmoid, environment folds) of {described}",
+        table,
+    )

@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from routescan import __version__
-from routescan.detector.artifact import Detector, DetectorMismatch, default_detector_path
+from routescan.detector.artifact import Detector, DetectorMismatch
+from routescan.detector.artifact import detector_path as resolve_detector
 from routescan.detector.scoring import InputRejected, Scorer, resolve_operating_point
 from routescan.service.alerts import AlertSender
 from routescan.service.deps import Runtime
@@ -55,7 +56,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        det = detector or Detector.load(settings.detector or default_detector_path())
+        det = detector or Detector.load(resolve_detector(settings.detector))
         point = resolve_operating_point(det.card, name=settings.operating_point)
         audit = store or open_store(settings)
         alerts = None

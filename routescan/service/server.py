@@ -22,7 +22,8 @@ from pathlib import Path
 
 import uvicorn
 
-from routescan.detector.artifact import Detector, default_detector_path
+from routescan.detector.artifact import Detector
+from routescan.detector.artifact import detector_path as resolve_detector
 from routescan.detector.scoring import resolve_operating_point
 from routescan.service.app import create_app, open_store
 from routescan.service.settings import ServiceSettings
@@ -124,7 +125,7 @@ def serve(settings: ServiceSettings, *, say: Callable[[str], None]) -> None:
             "--token-file (or bind 127.0.0.1)"
         )
     _log_to_stderr()
-    detector_path = settings.detector or default_detector_path()
+    detector_path = resolve_detector(settings.detector)
     say(f"routescan serve: loading detector {detector_path}")
     det = Detector.load(detector_path)
     card = det.card

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from routescan.telemetry.schema import CountMatrix, LayerDims, RequestTrace, Unit
+from routescan.telemetry.schema import CountMatrix, LayerDims, RequestTrace, Unit, Windows
 
 if TYPE_CHECKING:  # torch is imported by the collectors that run models, not by this module
     import torch
@@ -153,8 +153,10 @@ def routing_trace(
     row: int | None = None,
     labels: Mapping[str, Any] | None = None,
     experts_implementation: str | None = None,
+    windows: tuple[int, Sequence[np.ndarray]] | None = None,
 ) -> RequestTrace:
-    """The trace/2 record of one request: the one builder every collector calls."""
+    """The trace/2 record of one request: the one builder every collector calls. ``windows``:
+    (window length, each window's flat counts), for a prompt longer than one window."""
     dims = [s.dims for s in shapes]
     matrix = CountMatrix(counts) if isinstance(counts, np.ndarray) else CountMatrix.of(counts)
     return RequestTrace(
@@ -175,6 +177,9 @@ def routing_trace(
         row=row,
         labels=dict(labels or {}),
         experts_implementation=experts_implementation,
+        windows=None
+        if windows is None
+        else Windows(tokens=windows[0], counts=[CountMatrix(np.asarray(c)) for c in windows[1]]),
     )
 
 
@@ -188,19 +193,25 @@ def open_collector(
     batch_size: int = 4,
     max_tokens: int = 4096,
     attach: str | None = None,
+    window: int | None = None,
 ) -> Collector:
     """The collector named ``kind`` over a loaded model. ``attach``: keep per-kernel launches on each
     trace (emulated: the named launch model's; cupti: the kernel records, with any non-empty value).
-    CUPTI reads one request per forward pass (kernel grids cannot be split per request)."""
+    CUPTI reads one request per forward pass (kernel grids cannot be split per request).
+    ``window``: per-window counts too (emulated only: kernel grids cannot be split per window)."""
     if kind == "emulated":
         from routescan.telemetry.emulated import EmulatedCollector
         from routescan.telemetry.registry import load_launch_model
 
         model = load_launch_model(attach) if attach else None
-        return EmulatedCollector(loaded, batch_size=batch_size, max_tokens=max_tokens, attach=model)
+        return EmulatedCollector(
+            loaded, batch_size=batch_size, max_tokens=max_tokens, attach=model, window=window
+        )
     if kind == "cupti":
         from routescan.telemetry.cupti import CuptiCollector, GpuUnavailable
 
+        if window is not None:
+            raise CollectionError("--window needs the emulated collector: kernel grids are per forward pass")
         try:
             collector = CuptiCollector(loaded, max_tokens=max_tokens, attach=bool(attach))
         except GpuUnavailable as exc:

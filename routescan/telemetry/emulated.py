@@ -35,6 +35,8 @@ class EmulatedCollector:
     Requests are batched with right padding; padding positions are dropped before counting, and a
     test proves batched and one-by-one collection give identical traces. ``attach``: also write the
     per-kernel launches a launch model gives for the counts (to compare with CUPTI records on a GPU).
+    ``window``: also keep the counts of every ``window`` prompt tokens of a longer prompt
+    (:class:`~routescan.telemetry.schema.Windows`).
     """
 
     name = "emulated"
@@ -46,9 +48,13 @@ class EmulatedCollector:
         batch_size: int = 8,
         max_tokens: int = 4096,
         attach: LaunchModel | None = None,
+        window: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if window is not None and window < 1:
+            raise ValueError("window must be >= 1 prompt tokens")
+        self.window = window
         self.loaded = loaded
         self.batch_size = batch_size
         self.max_tokens = max_tokens
@@ -67,8 +73,28 @@ class EmulatedCollector:
             )
         return ids
 
+    def check_lengths(self, requests: Sequence[Request]) -> None:
+        """Encode every request once before any is collected, and refuse the whole run if some do
+        not fit ``max_tokens``: an hour of collection should not end on the longest request."""
+        lengths = [(len(self.loaded.encoder.encode(r.text)), r.trace_id) for r in requests]
+        empty = [i for n, i in lengths if n == 0]
+        if empty:
+            raise CollectionError(f"{len(empty)} request(s) encode to no tokens, e.g. {empty[:3]}")
+        long = sorted((n, i) for n, i in lengths if n > self.max_tokens)
+        if long:
+            raise CollectionError(
+                f"{len(long)} request(s) exceed max_tokens={self.max_tokens} (the longest, "
+                f"{long[-1][1]}, has {long[-1][0]} tokens; e.g. {[i for _, i in long[:3]]}); nothing "
+                f"was collected: raise --max-tokens to {long[-1][0]} or drop them"
+            )
+
     def route_tokens(self, encoded: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Prefill token-id sequences as one batch; each one's routed counts, flat in layer order."""
+        return self._route(encoded)[0]
+
+    def _route(self, encoded: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+        """Each sequence's routed counts and, with ``window``, its per-window counts (none for a
+        sequence of one window)."""
         input_ids, attention = pad_batch([list(ids) for ids in encoded], self.loaded.encoder.pad_id)
         width = input_ids.shape[1]
         with torch.inference_mode(), self.loaded.adapter.record() as recorder:
@@ -79,7 +105,20 @@ class EmulatedCollector:
                 logits_to_keep=1,
             )
             selections = recorder.selections()
-        return step_counts(selections, [(i * width, len(ids)) for i, ids in enumerate(encoded)], self._shapes)
+        counts = step_counts(
+            selections, [(i * width, len(ids)) for i, ids in enumerate(encoded)], self._shapes
+        )
+        w = self.window
+        owners, spans = [], []
+        for i, ids in enumerate(encoded):
+            if w is not None and len(ids) > w:
+                for lo in range(0, len(ids), w):
+                    owners.append(i)
+                    spans.append((i * width + lo, min(w, len(ids) - lo)))
+        windows: list[list[np.ndarray]] = [[] for _ in encoded]
+        for i, c in zip(owners, step_counts(selections, spans, self._shapes) if spans else [], strict=True):
+            windows[i].append(c)
+        return counts, windows
 
     def count_matrix(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
         """``[sequences, sum of experts per layer]`` routed counts of token-id sequences, batched by
@@ -94,7 +133,8 @@ class EmulatedCollector:
         encoded = [self.encode(r) for r in requests]
         impl = self.loaded.adapter.experts_implementation
         out = []
-        for request, ids, counts in zip(requests, encoded, self.route_tokens(encoded), strict=True):
+        counts_of, windows_of = self._route(encoded)
+        for request, ids, counts, windows in zip(requests, encoded, counts_of, windows_of, strict=True):
             out.append(
                 routing_trace(
                     self.loaded.model_id,
@@ -107,6 +147,7 @@ class EmulatedCollector:
                     row=request.row,
                     labels=request.labels,
                     experts_implementation=impl,
+                    windows=(self.window, windows) if windows else None,
                 )
             )
         return out

@@ -60,6 +60,10 @@ PARQUET_SCHEMA = pa.schema(
         # Labels mix types (str / int / float / bool); JSON keeps them exact in one column.
         ("labels", pa.string()),
         ("experts_implementation", pa.string()),
+        # optional per-window counts (collect --window): the window length, then each window's
+        # counts flat in layer order
+        ("window_tokens", pa.int64()),
+        ("windows", pa.list_(pa.list_(pa.int64()))),
     ]
 )
 # trace/1 Parquet files (launch lists) are still read, through TraceV1.to_v2
@@ -103,8 +107,11 @@ def parse_trace_json(data: str | bytes) -> RequestTrace:
 
 
 def _to_row(trace: RequestTrace) -> dict:
-    row = trace.model_dump(mode="json", exclude={"counts", "dims", "labels"})
+    row = trace.model_dump(mode="json", exclude={"counts", "dims", "labels", "windows"})
     row["counts"] = trace.counts.flat.tolist()
+    w = trace.windows
+    row["window_tokens"] = None if w is None else w.tokens
+    row["windows"] = None if w is None else [m.flat.tolist() for m in w.counts]
     row["dims"] = (
         None
         if trace.dims is None
@@ -127,6 +134,13 @@ def _from_row(row: dict, counts: np.ndarray | None) -> dict:
         row["dims"] = json.loads(row["dims"])
     if counts is not None:
         row["counts"] = CountMatrix(counts)
+    if "windows" in row:
+        row["windows"] = {
+            "tokens": row.pop("window_tokens", None),
+            "counts": [CountMatrix(np.asarray(w, dtype=np.int64)) for w in row["windows"]],
+        }
+    else:
+        row.pop("window_tokens", None)
     if "launches" in row:
         row["launches"] = [{k: v for k, v in launch.items() if v is not None} for launch in row["launches"]]
     return row

@@ -56,6 +56,7 @@ MAX_LAUNCHES = 131_072  # a per-kernel trace of a 58-layer x 256-expert MoE is ~
 MAX_LABELS = 16
 MAX_NS = 2**63 - 1
 MAX_WIDTH = 2**20  # hidden / intermediate widths: above any published model's (DeepSeek-V3: 18,432)
+MAX_WINDOWS = 4096  # window count matrices per trace: a 256k-token prompt in windows of 64
 
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
 
@@ -346,6 +347,15 @@ class LayerDims(_Strict):
         return env
 
 
+class Windows(_Strict):
+    """The same prefill's counts over consecutive chunks of ``tokens`` prompt tokens (the last may be
+    shorter): what chunked prefill hands a serving engine. Window ``w`` covers prompt positions
+    ``[w * tokens, (w + 1) * tokens)``; the windows sum to the trace's counts."""
+
+    tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_PROMPT_TOKENS)]
+    counts: Annotated[list[CountMatrix], Field(min_length=2, max_length=MAX_WINDOWS)]
+
+
 class RequestTrace(_Strict):
     """``routescan.trace/2``: one request's prefill as a per-(layer, expert) count matrix, never text."""
 
@@ -373,6 +383,10 @@ class RequestTrace(_Strict):
     row: Row | None = None
     labels: Labels = Field(default_factory=dict)
     experts_implementation: Name | None = None
+    # optional: the counts per window of prompt tokens (collect --window), for long prompts whose
+    # per-request sum dilutes a short request inside a long template; only on prompts longer than
+    # one window
+    windows: Windows | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RequestTrace:
@@ -402,11 +416,54 @@ class RequestTrace(_Strict):
                     raise ValueError("counts: a layer routed more than prompt_tokens x top_k")
         if self.launches is not None:
             _check_launches(self.launches, self.layers, self.experts_per_layer)
+        if self.windows is not None:
+            self._check_windows(self.windows)
         return self
+
+    def _check_windows(self, windows: Windows) -> None:
+        expected = -(-self.prompt_tokens // windows.tokens)
+        if len(windows.counts) != expected:
+            raise ValueError(
+                f"windows: {len(windows.counts)} windows of {windows.tokens} tokens, but a "
+                f"{self.prompt_tokens}-token prompt has {expected}"
+            )
+        size = sum(self.experts_per_layer)
+        if any(m.flat.size != size for m in windows.counts):
+            raise ValueError(f"windows: every window holds {size} counts, one per (layer, expert)")
+        if self.unit == Unit.tokens and max(m.top for m in windows.counts) > windows.tokens:
+            raise ValueError("windows: an expert received more tokens than its window has")
+        if not np.array_equal(np.sum([m.flat for m in windows.counts], axis=0), self.counts.flat):
+            raise ValueError("windows: the windows' counts must sum to the trace's counts")
 
     @field_serializer("counts", when_used="json")
     def _nested(self, counts: CountMatrix) -> list[list[int]]:
         return counts.tolist(self.experts_per_layer)
+
+    @field_serializer("windows", when_used="json")
+    def _nested_windows(self, windows: Windows | None) -> dict[str, Any] | None:
+        if windows is None:
+            return None
+        return {
+            "tokens": windows.tokens,
+            "counts": [m.tolist(self.experts_per_layer) for m in windows.counts],
+        }
+
+    def window_tokens(self) -> list[int]:
+        """Prompt tokens in each window (one entry, the prompt, for a trace without windows)."""
+        if self.windows is None:
+            return [self.prompt_tokens]
+        w, n = self.windows.tokens, len(self.windows.counts)
+        return [w] * (n - 1) + [self.prompt_tokens - w * (n - 1)]
+
+    def window_traces(self) -> list[RequestTrace]:
+        """Each window as a trace of its own (its tokens, its counts; ids and labels kept), which
+        featurises and scores like any request; the trace itself when it has no windows."""
+        if self.windows is None:
+            return [self]
+        return [
+            self.model_copy(update={"counts": m, "prompt_tokens": t, "windows": None, "launches": None})
+            for m, t in zip(self.windows.counts, self.window_tokens(), strict=True)
+        ]
 
     def offsets(self) -> np.ndarray:
         """Where each layer's row starts in ``counts.flat``, and its end."""
