@@ -55,8 +55,12 @@ def evaluate(
         ),
     ] = "length,tfidf,minilm",
     primary: Annotated[
-        str, typer.Option(help="Telemetry method the goals table reads (the first signal's).")
-    ] = "logreg",
+        str,
+        typer.Option(
+            help="Telemetry method the goals table reads (the first signal's): the shipped reference "
+            "detector's, invariant (whose inner search keeps every feature: a group-balanced LR)."
+        ),
+    ] = "invariant",
     windows: Annotated[
         bool,
         typer.Option(

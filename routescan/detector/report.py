@@ -290,7 +290,7 @@ def render_markdown(
     lines = [f"# {title}", ""]
     if preamble:
         lines += [preamble.rstrip(), ""]
-    if primary is not None and primary[0] in results["sources"]:
+    if primary is not None and primary[1] in results["sources"].get(primary[0], {}):
         lines += ["## Goals (issue #17)", "", *goals_table(results, source=primary[0], method=primary[1]), ""]
     hn_folds = sorted({g for _, _, e in _method_rows(results) for g in e["hard_negative"]["folds"]})
     lines += [
