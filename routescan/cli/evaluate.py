@@ -122,10 +122,11 @@ def _evaluate(
     bad = sorted(set(shared) - {"length", *CONTENT_METHODS})
     if bad:
         raise ValueError(f"unknown baseline(s) {bad}; choose from length, {', '.join(CONTENT_METHODS)}")
+    sentence_model = None
     if corpus is None:
         shared = [m for m in shared if m not in CONTENT_METHODS]
     elif "minilm" in shared:
-        load_sentence_model()  # fail now, not after an hour of fits, when the package is missing
+        sentence_model = load_sentence_model()  # fail now, not after an hour of fits, if it is missing
     sources: dict[str, LabelledSet] = {}
     for path in traces:
         rows = list(read_traces(path))
@@ -155,7 +156,9 @@ def _evaluate(
         texts = {k: v for k, v in texts.items() if k in ids_kept}
         if "minilm" in shared:
             with ProgressLines("embedding texts (minilm baseline)", len(texts)) as emb:
-                content = Content(texts, progress=lambda done, _total: emb.advance(done - emb.done))
+                content = Content(
+                    texts, progress=lambda done, _total: emb.advance(done - emb.done), model=sentence_model
+                )
                 content.embeddings(sorted(texts))
         else:
             content = Content(texts)

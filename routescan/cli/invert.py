@@ -70,7 +70,6 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, l
         raise ValueError(f"only {len(rows)} traces match the corpus; the attacks need a few hundred at least")
     spec = FingerprintSpec.from_trace(rows[0], launch_model)
     ex = [examples[t.trace_id] for t in rows]
-    X = spec.transform_many(rows)
     if windows:
         from routescan.detector.dataset import LabelledSet
 
@@ -78,7 +77,9 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, l
             raise ValueError(f"{traces}: no trace has windows; collect with --window W")
         # the same record the window-pooled detector reads (LabelledSet derives it, once)
         labelled = LabelledSet.from_traces(rows, spec)
-        X = np.concatenate([X, labelled.window_max()], axis=1)
+        X = np.concatenate([labelled.X, labelled.window_max()], axis=1)
+    else:
+        X = spec.transform_many(rows)
     data = AttackData(
         X=X,
         texts=[e.text for e in ex],

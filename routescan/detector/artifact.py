@@ -76,7 +76,8 @@ def shipped_detectors() -> dict[str, Path]:
 
 def detector_path(value: str | Path | None) -> Path:
     """Where a ``--detector`` value points: nothing is the demo detector; the name of a shipped
-    reference detector (``routescan info`` lists them) is its file; anything else is a path."""
+    reference detector (a file stem in routescan/detector/reference/, when no such path exists) is
+    its file; anything else is a path."""
     if value is None:
         return default_detector_path()
     path = Path(value)

@@ -51,11 +51,13 @@ def load_sentence_model():
 class Content:
     """Prompt texts by request id, and their sentence embeddings, computed once on first use."""
 
-    def __init__(self, texts: Mapping[str, str], *, progress: Progress | None = None) -> None:
+    def __init__(self, texts: Mapping[str, str], *, progress: Progress | None = None, model=None) -> None:
+        """``model``: an already loaded sentence model (:func:`load_sentence_model`); loaded on first
+        use otherwise."""
         self.texts = texts
         self.progress = progress
         self._vectors: dict[str, np.ndarray] = {}
-        self._model = None
+        self._model = model
 
     def text(self, ids: Sequence[str]) -> list[str]:
         return [self.texts[i] for i in ids]

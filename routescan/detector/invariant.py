@@ -99,10 +99,16 @@ class EnvironmentKFold(BaseCrossValidator):
         self.n_splits = n_splits
         self.random_state = random_state
 
+    @staticmethod
+    def _harmful_groups(y, groups) -> np.ndarray:
+        """The environments holding rows of the harmful class (the larger label, as in the estimator)."""
+        y = np.asarray(y)
+        return np.unique(np.asarray(groups).astype(str)[y == np.max(y)])
+
     def get_n_splits(self, X=None, y=None, groups=None) -> int:
         if y is None or groups is None:
             return self.n_splits
-        return max(2, min(self.n_splits, len(np.unique(np.asarray(groups).astype(str)[np.asarray(y) == 1]))))
+        return max(2, min(self.n_splits, len(self._harmful_groups(y, groups))))
 
     def split(self, X, y=None, groups=None):
         if y is None or groups is None:
@@ -110,8 +116,8 @@ class EnvironmentKFold(BaseCrossValidator):
         y = np.asarray(y)
         groups = np.asarray(groups).astype(str)
         rng = np.random.default_rng(check_random_state(self.random_state).randint(2**31))
-        with_pos = rng.permutation(np.unique(groups[y == np.max(y)]))
-        k = self.get_n_splits(X, y, groups)
+        with_pos = rng.permutation(self._harmful_groups(y, groups))
+        k = max(2, min(self.n_splits, len(with_pos)))
         fold = np.empty(len(y), dtype=int)
         for i, g in enumerate(with_pos):
             fold[groups == g] = i % k
@@ -123,17 +129,6 @@ class EnvironmentKFold(BaseCrossValidator):
             if len(np.unique(y[tr])) < 2 or not te.size:
                 raise ValueError("too few environments to build folds with both classes; give more groups")
             yield tr, te
-
-    def _iter_test_indices(self, X=None, y=None, groups=None):  # pragma: no cover - split() is overridden
-        for _, te in self.split(X, y, groups):
-            yield te
-
-
-def environment_kfold(
-    y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:class:`EnvironmentKFold`'s splits as a list."""
-    return list(EnvironmentKFold(n_splits, random_state=seed).split(None, y, groups))
 
 
 def invariance_scores(effects: np.ndarray, quantile: float) -> tuple[np.ndarray, np.ndarray]:

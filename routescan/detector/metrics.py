@@ -16,13 +16,17 @@ def auroc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def fpr_threshold(benign: np.ndarray, fpr: float) -> float:
+    """The score above which at most ``fpr`` of these benign scores lie (flag when score > it)."""
+    return float(np.quantile(benign, 1.0 - fpr, method="higher"))
+
+
 def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float) -> float:
     """TPR at the threshold that lets at most ``fpr`` of this set's benign rows through."""
     neg, pos = s[y == 0], s[y == 1]
     if not neg.size or not pos.size:
         return float("nan")
-    thr = np.quantile(neg, 1.0 - fpr, method="higher")
-    return float((pos > thr).mean())
+    return float((pos > fpr_threshold(neg, fpr)).mean())
 
 
 def _boot_auroc(y: np.ndarray, s: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from routescan.detector.content import Content, as_content
 from routescan.detector.dataset import LabelledSet
 from routescan.detector.methods import CONTENT_METHODS, TELEMETRY_METHODS, train_method
-from routescan.detector.metrics import auroc, summarize_scores
+from routescan.detector.metrics import auroc, fpr_threshold, summarize_scores
 from routescan.detector.protocols import Fold, family_folds, hard_negative_folds, lodo_folds, source_folds
 
 PROTOCOLS = {
@@ -57,7 +57,7 @@ def operating_rates(
     out: dict[str, float] = {}
     benign_cal = s_cal[y_cal == 0]
     for target in (0.01, 0.05):
-        thr = float(np.quantile(benign_cal, 1 - target, method="higher"))
+        thr = fpr_threshold(benign_cal, target)
         tag = f"{round(target * 100)}%"
         neg, pos = s_test[y_test == 0], s_test[y_test == 1]
         out[f"benign_fpr@{tag}"] = float((neg > thr).mean()) if neg.size else float("nan")
@@ -80,7 +80,7 @@ def all_folds(data: LabelledSet, seed: int) -> list[Fold]:
     )
 
 
-def _fold_metrics(fold: Fold, test: LabelledSet, scores: np.ndarray, cal, cal_scores, n_boot, seed):
+def _fold_metrics(test: LabelledSet, scores: np.ndarray, cal, cal_scores, n_boot, seed):
     if len(np.unique(test.y)) == 2:
         metrics: dict[str, Any] = summarize_scores(test.y, scores, n_boot=n_boot, seed=seed)
         metrics["prevalence"] = float(test.y.mean())
@@ -115,10 +115,14 @@ def window_pooling(
         train, test = data.subset(fold.train), data.subset(fold.test)
         whole = logreg_pipeline(seed).fit(train.X, train.y)
         request = whole.decision_function(test.X)
+        # every test window scored in one call, then the max per request (requests without windows
+        # keep their own score)
+        sizes = np.array([len(w) for w in test.windows])
         pooled = request.copy()
-        for i, w in enumerate(test.windows):
-            if len(w):
-                pooled[i] = max(pooled[i], float(whole.decision_function(w.astype(np.float64)).max()))
+        if sizes.any():
+            scored = whole.decision_function(np.concatenate(list(test.windows[sizes > 0])).astype(np.float64))
+            starts = np.concatenate(([0], np.cumsum(sizes[sizes > 0])[:-1]))
+            pooled[sizes > 0] = np.maximum(request[sizes > 0], np.maximum.reduceat(scored, starts))
         rec = logreg_pipeline(seed).fit(record[fold.train], train.y)
         out[fold.protocol]["folds"][fold.held_out] = {
             name: summarize_scores(test.y, sc, n_boot=0)
@@ -180,7 +184,7 @@ def evaluate(
                 cal = data.subset(fold.calibration) if fold.calibration is not None else None
                 cal_scores = scorer(cal) if cal is not None else None
                 entry[fold.protocol]["folds"][fold.held_out] = _fold_metrics(
-                    fold, test, scores, cal, cal_scores, n_boot, seed
+                    test, scores, cal, cal_scores, n_boot, seed
                 )
                 if fit_notes:
                     notes[f"{fold.protocol}:{fold.held_out}"] = fit_notes

@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from routescan.detector.artifact import Detector, DetectorCard, OperatingPoint
 from routescan.detector.dataset import LabelledSet
 from routescan.detector.invariant import EnvironmentKFold
+from routescan.detector.metrics import fpr_threshold
 from routescan.features.fingerprint import FingerprintSpec
 
 DETECTOR_METHODS = ("logreg", "invariant")
@@ -49,7 +50,7 @@ def operating_points(
     points = []
     for fpr in fprs:
         # the smallest threshold whose benign exceedance rate is <= fpr
-        threshold = float(np.quantile(benign, 1.0 - fpr, method="higher")) if benign.size else 0.5
+        threshold = fpr_threshold(benign, fpr) if benign.size else 0.5
         threshold = min(1.0, np.nextafter(threshold, 2.0))
         points.append(
             OperatingPoint(
