@@ -23,11 +23,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def uvicorn_thread(app, port: int | None = None) -> Iterator[str]:
+def uvicorn_thread(app, port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -36,7 +34,7 @@ def uvicorn_thread(app, port: int | None = None) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -79,6 +77,17 @@ def serve_process(
                 proc.kill()
         if log:
             out.close()
+
+
+def own_address() -> str | None:
+    """This host's own non-loopback IPv4 address (a peer there is not loopback, yet the traffic
+    never leaves the host), or None when it has none."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # a UDP connect picks the outgoing address; nothing is sent
+        address = s.getsockname()[0]
+        if not address.startswith("127."):
+            return address
+    return None
 
 
 def service_settings(tmp_path: Path, **kw):

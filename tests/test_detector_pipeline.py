@@ -292,3 +292,29 @@ def test_invert_attacks_run_and_text_beats_fingerprints(
     assert body["retrieval"]["50"]["model_access_top1"] > 0.5
     assert body["revealed"]["length"]["mae_tokens"] >= 0
     assert "QQX" not in out.read_text() and "qqx" not in out.read_text()
+
+
+def test_frontier_measures_levels_against_full(collected, corpora: Path, recipe: Path, tmp_path) -> None:
+    out = tmp_path / "privacy.md"
+    out.write_text("# Privacy\n\nhand-written text stays\n")
+    args = ["frontier", str(collected), "--corpus", str(recipe), "--corpora", str(corpora), "-o", str(out)]
+    args += ["--top-n", "20", "--pools", "50", "--levels", "score-q4,score-q8-eps2"]
+    for _ in range(2):  # a rerun replaces its section, never duplicates it
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith("# Privacy\n\nhand-written text stays") and text.count("## The frontier") == 1
+    assert (tmp_path / "figures" / "privacy-frontier.png").stat().st_size > 0
+    body = json.loads((tmp_path / "privacy-frontier.json").read_text())
+    rows = {r["name"]: r for r in body["rows"]}
+    assert list(rows) == ["full", "score-q4", "score-q8-eps2"]  # full is always the reference
+    full, coarse, noisy = (rows[n]["leakage"] for n in rows)
+    # the full fingerprint is a dictionary attacker's exact match; a few bins cannot be
+    assert full["retrieval"]["50"]["model_access_top1"] > 0.5
+    assert coarse["dim"] == 1 and coarse["distinct_records"] <= 6  # 4 quantile bins + 2 thresholds
+    assert coarse["retrieval"]["50"]["model_access_top1"] < 0.25
+    assert noisy["privacy"] == {"epsilon": 2.0, "delta": 0.0}
+    assert 0.0 <= body["label_floor"]["word_f1"] <= 1.0
+    for row in rows.values():
+        assert 0.0 <= row["summary"]["lodo_auroc"] <= 1.0 and set(row["goal"]) == set(body["goal"])
+    assert "QQX" not in text and "qqx" not in text

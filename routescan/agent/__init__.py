@@ -3,7 +3,8 @@
 Configured by ``ROUTESCAN_*`` environment variables (:class:`routescan.agent.settings.AgentSettings`;
 the vLLM plugin reads them in each worker): ``ROUTESCAN_DAEMON``, ``ROUTESCAN_SAMPLING``,
 ``ROUTESCAN_SPOOL``, ``ROUTESCAN_MODEL_ID``, ``ROUTESCAN_API_TOKEN``, ``ROUTESCAN_TRACE_FILE``,
-``ROUTESCAN_AGENT``. docs/deploy.md says what each does.
+``ROUTESCAN_AGENT``, ``ROUTESCAN_EXPORT_LEVEL`` (with ``ROUTESCAN_DETECTOR`` and
+``ROUTESCAN_EXPORT_EPSILON``). docs/deploy.md says what each does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ import torch
 from routescan.agent.agent import RouteScanAgent, Span, packed_spans, padded_spans
 from routescan.agent.sender import SenderCounters, TraceSender, default_spool_path
 from routescan.agent.settings import AgentSettings, agent_settings
+from routescan.detector.artifact import Detector, detector_path
+from routescan.detector.exporter import Exporter
+from routescan.telemetry.schema import ExportLevel
+
+
+def exporter_from_settings(settings: AgentSettings) -> Exporter | None:
+    """The export level's record builder (None for full: traces go as they are)."""
+    if settings.export_level == ExportLevel.full:
+        return None
+    detector = None
+    if settings.export_level in (ExportLevel.score, ExportLevel.harm):
+        detector = Detector.load(detector_path(settings.detector))
+    return Exporter(settings.export_level, detector, epsilon=settings.export_epsilon)
 
 
 def sender_from_env(settings: AgentSettings | None = None) -> TraceSender:
@@ -23,6 +37,7 @@ def sender_from_env(settings: AgentSettings | None = None) -> TraceSender:
         token=settings.api_token,
         trace_file=settings.trace_file,
         queue_size=settings.queue_size,
+        exporter=exporter_from_settings(settings),
     )
 
 
@@ -40,6 +55,7 @@ __all__ = [
     "Span",
     "TraceSender",
     "agent_from_env",
+    "exporter_from_settings",
     "packed_spans",
     "padded_spans",
     "sender_from_env",

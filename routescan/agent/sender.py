@@ -20,19 +20,29 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import msgpack
 
+from routescan.features.fingerprint import FINGERPRINT_SCHEMA, Fingerprint
 from routescan.service.schemas import AGENT_HEADER, COUNTERS_HEADER, REPLAY_HEADER
 from routescan.telemetry.io import trace_json
-from routescan.telemetry.schema import RequestTrace
+from routescan.telemetry.schema import ExportLevel, RequestTrace
 from routescan.telemetry.wire import MEDIA_TYPE, packb, trace_payload, unpackb
 
 Item = RequestTrace | Callable[[], RequestTrace]
+
+
+class Reducer(Protocol):
+    """Traces -> records of a reduced export level (:class:`routescan.detector.exporter.Exporter`)."""
+
+    level: ExportLevel
+
+    def records(self, traces: Sequence[RequestTrace]) -> list[Fingerprint]: ...
 
 
 @dataclass
@@ -64,14 +74,21 @@ def _is_json(line: str) -> bool:
     return True
 
 
-_ITEM_HEAD = msgpack.packb({"trace": None})[:-1]  # a one-entry map and its "trace" key, no value
+# a one-entry map and its key, no value: what wraps each packed record of a batch
+_ITEM_HEAD = {kind: msgpack.packb({kind: None})[:-1] for kind in ("trace", "fingerprint")}
+_FINGERPRINT_LINE = '{"schema_version":"' + FINGERPRINT_SCHEMA
 
 
-def _msgpack_batch(traces: list[bytes]) -> bytes:
-    """``{"items": [{"trace": t}, ...]}`` from traces already packed, without unpacking them."""
+def _msgpack_batch(records: list[bytes], kind: str = "trace") -> bytes:
+    """``{"items": [{kind: r}, ...]}`` from records already packed, without unpacking them."""
     packer = msgpack.Packer()
-    head = packer.pack_map_header(1) + packer.pack("items") + packer.pack_array_header(len(traces))
-    return head + b"".join(_ITEM_HEAD + t for t in traces)
+    head = packer.pack_map_header(1) + packer.pack("items") + packer.pack_array_header(len(records))
+    return head + b"".join(_ITEM_HEAD[kind] + r for r in records)
+
+
+def _json_item(line: str) -> str:
+    """A spooled JSON record as a batch item: a fingerprint line (a reduced export level) or a trace."""
+    return ('{"fingerprint":' if line.startswith(_FINGERPRINT_LINE) else '{"trace":') + line + "}"
 
 
 def agent_id() -> str:
@@ -116,8 +133,13 @@ class TraceSender:
         timeout_s: float = 5.0,
         token: str | None = None,
         trace_file: str | Path | None = None,
+        exporter: Reducer | None = None,
     ) -> None:
         self.target = target
+        # a reduced export level: each batch of traces becomes that level's fingerprints before it
+        # leaves the process, and only those are sent or spooled (the tee keeps full traces, on host)
+        self.exporter = exporter if exporter is not None and exporter.level != ExportLevel.full else None
+        self._kind = "fingerprint" if self.exporter is not None else "trace"
         self.spool = Path(spool)
         # traces are sensitive metadata (docs/privacy.md): the spool is the serving user's alone
         self.spool.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -181,16 +203,18 @@ class TraceSender:
                 self._replay()
 
     def _take(self) -> list[bytes]:
-        """Up to ``batch_max`` traces, built and serialised (MessagePack) at once.
+        """Up to ``batch_max`` records, built and serialised (MessagePack) at once: traces, or the
+        export level's fingerprints of them.
 
         Only bytes are kept: bytes are not tracked by the cyclic garbage collector, whereas
         a batch of live trace objects (hundreds of launches each) waiting out the flush interval
         gets promoted to the oldest generation and triggers full collections of the host process's
         whole heap, ~200 ms pauses of the serving thread (measured with scripts/bench_agent.py).
         """
-        items: list[str] = []
+        items: list[bytes] = []
+        traces: list[RequestTrace] = []
         deadline = time.monotonic() + self.flush_interval_s
-        while len(items) < self.batch_max:
+        while len(items) + len(traces) < self.batch_max:
             wait = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=max(wait, 0.0)) if wait > 0 else self._queue.get_nowait()
@@ -199,16 +223,38 @@ class TraceSender:
             started = time.thread_time_ns()
             try:
                 trace = item() if callable(item) else item
-                items.append(packb(trace_payload(trace)))
+                if self.exporter is None:
+                    items.append(packb(trace_payload(trace)))
+                else:
+                    traces.append(trace)
             except Exception:  # a bad trace must not kill the sender; counted, visible in metrics
                 self.counters.build_errors += 1
                 continue
             if self._tee is not None:
                 self._tee.write(trace_json(trace) + "\n")
             self.counters.sender_us += (time.thread_time_ns() - started) // 1000
-        if self._tee is not None and items:
+        if traces:
+            started = time.thread_time_ns()
+            items.extend(self._reduced(traces))
+            self.counters.sender_us += (time.thread_time_ns() - started) // 1000
+        if self._tee is not None and (items or traces):
             self._tee.flush()
         return items
+
+    def _reduced(self, traces: list[RequestTrace]) -> list[bytes]:
+        """The export level's records of a batch, packed; one pass for the batch, and item by item
+        only when the batch fails (so one bad trace costs itself, not its batch)."""
+        assert self.exporter is not None
+        try:
+            records = self.exporter.records(traces)
+        except Exception:
+            records = []
+            for trace in traces:
+                try:
+                    records.extend(self.exporter.records([trace]))
+                except Exception:
+                    self.counters.build_errors += 1
+        return [packb(r.model_dump(mode="python", exclude_none=True)) for r in records]
 
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
@@ -219,9 +265,9 @@ class TraceSender:
 
         The daemon validates every trace against the schema, so nothing is re-validated here."""
         if traces and isinstance(traces[0], bytes):
-            content, media = _msgpack_batch(traces), MEDIA_TYPE  # type: ignore[arg-type]
+            content, media = _msgpack_batch(traces, self._kind), MEDIA_TYPE  # type: ignore[arg-type]
         else:
-            content = '{"items":[' + ",".join('{"trace":' + t + "}" for t in traces) + "]}"  # type: ignore[operator]
+            content = '{"items":[' + ",".join(_json_item(t) for t in traces) + "]}"  # type: ignore[arg-type]
             media = "application/json"
         try:
             counters = ",".join(f"{k}={v}" for k, v in self.counters.as_dict().items())
@@ -248,8 +294,13 @@ class TraceSender:
             self.counters.rejected += len(traces)
         else:
             self._down_until = time.monotonic() + self.retry_interval_s
-            # the spool is a trace file (JSONL) that `routescan score` can read by hand
-            self._append_spool([trace_json(RequestTrace.model_validate(unpackb(t))) for t in traces])
+            # the spool is JSONL of what is sent: traces, or a reduced level's fingerprints
+            self._append_spool([self._spool_line(t) for t in traces])
+
+    def _spool_line(self, packed: bytes) -> str:
+        if self._kind == "fingerprint":
+            return Fingerprint.model_validate(unpackb(packed)).model_dump_json(exclude_none=True)
+        return trace_json(RequestTrace.model_validate(unpackb(packed)))
 
     def _append_spool(self, traces: list[str]) -> None:
         with os.fdopen(os.open(self.spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SPOOL_MODE), "a") as fh:

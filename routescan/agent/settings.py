@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from routescan.telemetry.schema import ModelId
+from routescan.telemetry.schema import ExportLevel, ModelId
 
 DEFAULT_DAEMON = "unix:///run/routescan/routescan.sock"
 
@@ -37,6 +37,19 @@ class AgentSettings(BaseSettings):
         "from live traffic, tests); full fingerprints, so it is created 0600 like the spool",
     )
     queue_size: int = Field(10_000, ge=1, description="Traces held in memory before new ones are dropped")
+    export_level: ExportLevel = Field(
+        ExportLevel.full,
+        description="What leaves the process (docs/privacy.md): full traces for a daemon on this host; "
+        "score (the on-host detector's binned score) or another reduced level for one beyond it",
+    )
+    detector: str | None = Field(
+        None,
+        description="Detector file (or shipped name) the reduced levels are computed with: the one the "
+        "daemon loads; default, as the daemon's, the demo detector",
+    )
+    export_epsilon: float | None = Field(
+        None, gt=0, description="Score level: randomised response, epsilon per request (as the daemon's)"
+    )
 
 
 def agent_settings() -> AgentSettings:

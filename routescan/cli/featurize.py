@@ -13,6 +13,7 @@ from routescan.features.fingerprint import FingerprintMismatch, FingerprintSpec,
 from routescan.features.table import write_table
 from routescan.telemetry.io import TraceFileError, iter_trace_rows
 from routescan.telemetry.launch import LaunchModelError
+from routescan.telemetry.schema import ExportLevel
 
 
 def featurize(
@@ -28,6 +29,26 @@ def featurize(
         typer.Option(help="Report and skip invalid or mismatched rows instead of stopping at the first."),
     ] = False,
     launch_model: SignalOption = None,
+    export_level: Annotated[
+        ExportLevel,
+        typer.Option(
+            help="What to write: full fingerprints (default), or a reduced level for files that leave "
+            "the serving host (docs/privacy.md): layers, harm, or score (the detector's binned score). "
+            "Reduced levels are written as JSONL.",
+        ),
+    ] = ExportLevel.full,
+    detector: Annotated[
+        str | None,
+        typer.Option(
+            help="Detector file or shipped name the score and harm levels are computed with (the one "
+            "the daemon loads); it also fixes the signal.",
+            show_default=False,
+        ),
+    ] = None,
+    export_epsilon: Annotated[
+        float | None,
+        typer.Option(help="Score level: randomised response, epsilon per request.", show_default=False),
+    ] = None,
 ) -> None:
     """Turn each trace into its fixed-length routing fingerprint (spec routescan.fp/1).
 
@@ -36,10 +57,21 @@ def featurize(
     entropy. All traces of one file must share a model and layer layout (taken from the first valid
     trace).
     """
-    friendly_errors(_featurize)(traces, out, skip_bad, launch_model)
+    friendly_errors(_featurize)(traces, out, skip_bad, launch_model, export_level, detector, export_epsilon)
 
 
-def _featurize(traces: Path, out: Path, skip_bad: bool, launch_model: str | None) -> None:
+def _featurize(
+    traces: Path,
+    out: Path,
+    skip_bad: bool,
+    launch_model: str | None,
+    export_level: ExportLevel = ExportLevel.full,
+    detector: str | None = None,
+    export_epsilon: float | None = None,
+) -> None:
+    if export_level != ExportLevel.full or detector is not None:
+        _export(traces, out, skip_bad, launch_model, export_level, detector, export_epsilon)
+        return
     spec: FingerprintSpec | None = None
     fps, bad = [], 0
     with ProgressLines("featurizing", None) as bar:
@@ -63,3 +95,46 @@ def _featurize(traces: Path, out: Path, skip_bad: bool, launch_model: str | None
         + (f" ({bad} skipped)" if bad else "")
     )
     typer.echo(json.dumps({"fingerprints": len(fps), "skipped": bad, "features": spec.dim, "out": str(out)}))
+
+
+def _export(traces, out, skip_bad, launch_model, level, detector, epsilon) -> None:
+    """Records of an export level, one batch of valid traces at a time."""
+    from routescan.detector.artifact import Detector, detector_path
+    from routescan.detector.exporter import Exporter, write_records
+
+    det = (
+        Detector.load(detector_path(detector)) if detector is not None or level in ("score", "harm") else None
+    )
+    exporter = Exporter(level, det, epsilon=epsilon, launch_model=launch_model)
+    records, bad, batch = [], 0, []
+
+    def flush() -> None:
+        records.extend(exporter.records(batch))
+        batch.clear()
+
+    with ProgressLines(f"exporting ({level.value})", None) as bar:
+        for number, item in iter_trace_rows(traces):
+            try:
+                if isinstance(item, TraceFileError):
+                    raise item
+                exporter.spec(item).check(item)
+                batch.append(item)
+                if len(batch) >= 256:
+                    flush()
+            except (TraceFileError, FingerprintMismatch, LaunchModelError) as exc:
+                if not skip_bad:
+                    raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
+                bad += 1
+                console.print(f"[yellow]skipped[/] row {number}: {exc}", highlight=False)
+            bar.advance()
+        flush()
+    if not records:
+        raise ValueError(f"{traces}: no valid trace to export")
+    write_records(out, exporter, records)
+    console.print(
+        f"wrote {len(records)} '{exporter.export.describe()}' records to {out}"
+        + (f" ({bad} skipped)" if bad else "")
+    )
+    typer.echo(
+        json.dumps({"records": len(records), "skipped": bad, "export_level": level.value, "out": str(out)})
+    )

@@ -11,13 +11,14 @@ from routescan.cli.audits import audits
 from routescan.cli.collect import collect
 from routescan.cli.evaluate import evaluate
 from routescan.cli.featurize import featurize
+from routescan.cli.frontier import frontier
 from routescan.cli.info import info
 from routescan.cli.inspect_cmd import inspect
 from routescan.cli.invert import invert
 from routescan.cli.moefy_cmd import export, moefy
 from routescan.cli.score import score
 from routescan.cli.serve import serve
-from routescan.cli.train import train
+from routescan.cli.train import score_bins, train
 
 app = typer.Typer(
     name="routescan",
@@ -53,9 +54,11 @@ app.command()(audits)
 app.command()(moefy)
 app.command()(export)
 app.command()(train)
+app.command()(score_bins)
 app.command()(evaluate)
 app.command()(info)
 app.command()(invert)
+app.command()(frontier)
 
 if __name__ == "__main__":
     app()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from routescan.cli.common import console, friendly_errors
+from routescan.telemetry.schema import ExportLevel
 
 
 def serve(
@@ -69,6 +70,23 @@ def serve(
     webhook_url: Annotated[
         str | None, typer.Option(help="POST flagged results here, off the request path.", show_default=False)
     ] = None,
+    export_level: Annotated[
+        ExportLevel | None,
+        typer.Option(
+            help="Export level of the records scored (docs/privacy.md). Default: full on a socket or "
+            "loopback, score beyond loopback; score derives from a full detector.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_full_from_network: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-full-from-network",
+            help="Accept full traces and fingerprints from peers on other hosts (off: 403). They are "
+            "nearly the prompt: see the threat model in docs/privacy.md.",
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="Settings file (default: configs/service.yaml).", show_default=False)
     ] = None,
@@ -79,7 +97,9 @@ def serve(
     a SQLite audit store in your user data directory. Settings come from configs/service.yaml,
     then ROUTESCAN_* environment variables, then these flags. Binding a non-loopback address
     requires a bearer token; a loopback server without one refuses browsers (foreign Host or
-    Origin headers, non-JSON bodies). Requests never carry text: the schemas refuse it.
+    Origin headers, non-JSON bodies). Requests never carry text: the schemas refuse it. Beyond
+    loopback the daemon takes score-level records (the agent's binned on-host score) and refuses
+    full ones unless --allow-full-from-network says otherwise.
     """
     friendly_errors(_serve)(
         config,
@@ -94,6 +114,8 @@ def serve(
         audit_store=audit_store,
         token_file=token_file,
         webhook_url=webhook_url,
+        export_level=export_level,
+        allow_full_from_network=allow_full_from_network,
     )
 
 

@@ -84,6 +84,7 @@ def _train(
     from routescan.detector.dataset import LabelledSet
     from routescan.detector.metrics import auroc
     from routescan.detector.train import fit_detector, operating_points
+    from routescan.privacy.levels import DEFAULT_SCORE_BINS, quantile_edges
     from routescan.telemetry.io import read_traces
 
     data = LabelledSet.from_traces(read_traces(traces), launch_model=signal)
@@ -92,6 +93,13 @@ def _train(
     console.print(f"training on {len(data)} traces ({int(data.y.sum())} harmful) with {method}")
     fitted = fit_detector(data, method=method, seed=seed)
     points = operating_points(fitted.oof_proba, data.y)
+    # the score export level's bins, on the same out-of-fold scores the thresholds come from
+    bins = quantile_edges(
+        fitted.oof_proba,
+        data.environments(),
+        bins=DEFAULT_SCORE_BINS,
+        thresholds=[p.threshold for p in points],
+    )
     spec = data.spec
     by_source = Counter(zip(data.source.tolist(), data.y.tolist(), strict=True))
     ident = detector_id or f"routescan-{spec.model_id}-{spec.launch_model}".replace("/", ".")[:128]
@@ -100,6 +108,7 @@ def _train(
         version=version,
         spec=spec,
         operating_points=points,
+        score_bins=bins,
         default_operating_point=op,
         estimator=fitted.description,
         training_command="routescan " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -136,3 +145,39 @@ def _train(
     }
     console.print(f"wrote {out}")
     typer.echo(json.dumps(summary))
+
+
+def score_bins(
+    detector: Annotated[
+        str, typer.Argument(help="Detector file, or the name of a shipped reference detector.")
+    ],
+    traces: Annotated[Path, typer.Argument(help="Labelled corpus traces of the traffic it was trained on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the detector with its bins.")],
+    bins: Annotated[
+        int, typer.Option(min=2, max=64, help="Quantile bins (the thresholds add up to 2 edges).")
+    ] = 12,
+    hard_negatives: Annotated[
+        bool, typer.Option(help="Count hard negatives among the traffic (off: as training leaves them out).")
+    ] = False,
+) -> None:
+    """Fit a detector's score export level: bin edges at environment-balanced quantiles of its scores
+    on labelled traffic, its operating-point thresholds among them (docs/privacy.md). `routescan
+    train` does this itself; use this for a detector trained before export levels."""
+    friendly_errors(_score_bins)(detector, traces, out, bins, hard_negatives)
+
+
+def _score_bins(detector: str, traces: Path, out: Path, bins: int, hard_negatives: bool) -> None:
+    from routescan.detector.artifact import Detector, detector_path
+    from routescan.detector.dataset import LabelledSet
+    from routescan.detector.train import with_score_bins
+    from routescan.telemetry.io import read_traces
+
+    det = Detector.load(detector_path(detector))
+    data = LabelledSet.from_traces(read_traces(traces), det.spec)
+    if not hard_negatives:
+        data = data.subset(np.flatnonzero(~data.hard_negative))
+    binned = with_score_bins(det, data, bins=bins)
+    binned.save(out)
+    edges = binned.card.score_bins or []
+    console.print(f"wrote {out}: {len(edges) + 1} score bins from {len(data)} traces")
+    typer.echo(json.dumps({"out": str(out), "bins": len(edges) + 1, "edges": edges}))

@@ -29,7 +29,8 @@ from scipy.special import expit
 
 from routescan.features.fingerprint import Fingerprint, FingerprintMismatch, FingerprintSpec
 from routescan.files import atomic_path
-from routescan.telemetry.schema import RequestTrace
+from routescan.privacy.levels import DEFAULT_SCORE_GRID, ExportSpec, score_edges, score_level
+from routescan.telemetry.schema import ExportLevel, RequestTrace
 
 CARD_SCHEMA: Literal["routescan.detector/1"] = "routescan.detector/1"
 # Types skops reports as untrusted in RouteScan's own detectors (checked by a test that saves one
@@ -126,6 +127,11 @@ class DetectorCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     notes: str = ""
+    # the export level of the records it scores (routescan.privacy.levels); a card written before
+    # export levels reads full fingerprints
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    # the score level's bin edges, fitted on training scores (routescan.privacy.levels.quantile_edges)
+    score_bins: list[Annotated[float, Field(gt=0.0, le=1.0)]] | None = None
 
     def operating_point(self, name: str | None = None) -> OperatingPoint:
         wanted = name or self.default_operating_point
@@ -188,7 +194,42 @@ class Detector:
     def spec(self) -> FingerprintSpec:
         return self.card.spec
 
+    @property
+    def export(self) -> ExportSpec:
+        return self.card.export
+
+    def at_level(
+        self,
+        level: ExportLevel,
+        *,
+        grid: tuple[float, ...] = DEFAULT_SCORE_GRID,
+        epsilon: float | None = None,
+    ) -> Detector:
+        """This detector for records of ``level``. A full detector gives its own score level: the
+        card's fitted ``score_bins`` (its operating-point thresholds among the edges, so flagging is
+        unchanged), or for a card without them its thresholds beside ``grid``; ``epsilon`` adds
+        randomised response on the serving host. Other levels need a detector trained on them."""
+        level = ExportLevel(level)
+        if level == self.export.level and (level != ExportLevel.score or epsilon == self.export.epsilon):
+            return self
+        if self.export.level != ExportLevel.full or level != ExportLevel.score:
+            raise DetectorError(
+                f"{self.card.detector_id} reads '{self.export.level.value}' records and cannot give the "
+                f"'{level.value}' level: the score level comes from a full detector; other levels need "
+                f"a detector trained on them"
+            )
+        thresholds = [p.threshold for p in self.card.operating_points]
+        edges = score_edges(thresholds, self.card.score_bins or grid)
+        export = score_level(edges, epsilon)
+        return Detector(self.estimator, self.card.model_copy(update={"export": export}))
+
     def check_trace(self, trace: RequestTrace) -> None:
+        if self.export.level != ExportLevel.full:
+            raise DetectorMismatch(
+                f"trace {trace.trace_id} is a full-level record, but this detector "
+                f"({self.card.detector_id}) takes '{self.export.level.value}' records only: have the "
+                f"agent export at that level (ROUTESCAN_EXPORT_LEVEL={self.export.level.value})"
+            )
         try:
             self.spec.check(trace)
         except FingerprintMismatch as exc:
@@ -202,8 +243,14 @@ class Detector:
             problems.append(f"model {fp.model_id!r} (detector reads {self.spec.model_id!r})")
         if fp.launch_model != self.spec.launch_model:
             problems.append(f"launch model {fp.launch_model!r} (detector reads {self.spec.launch_model!r})")
-        if len(fp.values) != self.spec.dim:
-            problems.append(f"{len(fp.values)} values (spec {self.spec.version} has {self.spec.dim})")
+        if fp.export_level != self.export.level:
+            problems.append(
+                f"export level '{fp.export_level.value}' (detector reads '{self.export.level.value}')"
+            )
+        elif len(fp.values) != (dim := self.export.dim(self.spec)):
+            problems.append(f"{len(fp.values)} values (its level has {dim})")
+        elif (allowed := self.export.values()) is not None and not np.isin(fp.values, allowed).all():
+            problems.append("a value that is not one of this detector's score bins")
         if problems:
             raise DetectorMismatch(
                 f"fingerprint {fp.trace_id} has {'; '.join(problems)}; this detector "
@@ -215,7 +262,18 @@ class Detector:
         return self.spec.transform(trace)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Harm probability per row (column 1 of the estimator's predict_proba)."""
+        """Harm probability per row of records of the card's export level: the estimator's, or, for
+        the score level, the record's own value (the on-host detector's binned score)."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim == 1:
+            X = X[None, :]
+        if self.export.level == ExportLevel.score:
+            return X[:, 0]
+        return self.full_proba(X)
+
+    def full_proba(self, X: np.ndarray) -> np.ndarray:
+        """Harm probability of the estimator itself (column 1 of its predict_proba), on the records it
+        was trained on: full fingerprints for a full or score-level detector."""
         X = np.asarray(X, dtype=np.float64)
         if X.ndim == 1:
             X = X[None, :]

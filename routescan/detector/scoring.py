@@ -27,7 +27,7 @@ from routescan.detector.artifact import (
 from routescan.features.fingerprint import Fingerprint
 from routescan.files import atomic_path
 from routescan.telemetry.launch import LaunchModelError
-from routescan.telemetry.schema import RequestTrace
+from routescan.telemetry.schema import ExportLevel, RequestTrace
 
 Label = Literal["flagged", "ok"]
 Item = RequestTrace | Fingerprint
@@ -96,13 +96,15 @@ class Scorer:
                 )
         else:
             self.detector.check_fingerprint(item)
-            if not any(item.values):
+            # the score level's bottom bin is 0: a value, not an empty record
+            if not any(item.values) and item.export_level != ExportLevel.score:
                 raise InputRejected(f"fingerprint {item.trace_id} is all zeros: there is nothing to score")
 
     def features(self, items: Sequence[Item]) -> np.ndarray:
-        """Feature rows of checked items; the traces are featurised with the detector's spec as one
-        batch (the launch model applied once per distinct count)."""
-        X = np.empty((len(items), self.detector.spec.dim), dtype=np.float64)
+        """Feature rows of checked items, each its export level's record (a checked trace means a
+        full-level detector); the traces are featurised with the detector's spec as one batch (the
+        launch model applied once per distinct count)."""
+        X = np.empty((len(items), self.detector.export.dim(self.detector.spec)), dtype=np.float64)
         traces = [i for i, item in enumerate(items) if isinstance(item, RequestTrace)]
         for i, item in enumerate(items):
             if not isinstance(item, RequestTrace):

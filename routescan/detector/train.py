@@ -29,6 +29,7 @@ from routescan.detector.dataset import LabelledSet
 from routescan.detector.invariant import EnvironmentKFold
 from routescan.detector.metrics import fpr_threshold
 from routescan.features.fingerprint import FingerprintSpec
+from routescan.privacy.levels import DEFAULT_SCORE_BINS, quantile_edges
 
 DETECTOR_METHODS = ("logreg", "invariant")
 
@@ -177,3 +178,15 @@ def fit_detector(
         f"CalibratedClassifierCV(sigmoid, environment folds) of {described}",
         table,
     )
+
+
+def with_score_bins(detector: Detector, data: LabelledSet, *, bins: int = DEFAULT_SCORE_BINS) -> Detector:
+    """``detector`` with its score level's bins fitted on labelled traffic: environment-balanced
+    quantiles of its scores on ``data`` (routescan.privacy.levels.quantile_edges), its operating-point
+    thresholds among the edges. ``routescan train`` fits them on out-of-fold scores; this sets them on
+    a detector trained before export levels (scores on its own training traffic are in-sample)."""
+    scores = detector.full_proba(data.X)
+    thresholds = [p.threshold for p in detector.card.operating_points]
+    edges = quantile_edges(scores, data.environments(), bins=bins, thresholds=thresholds)
+    card = detector.card.model_copy(update={"score_bins": edges})
+    return Detector(detector.estimator, card)

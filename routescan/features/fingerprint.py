@@ -29,6 +29,7 @@ from scipy.special import entr
 from routescan.telemetry.launch import LaunchModel, LaunchModelError, SignalThreads, signal_threads
 from routescan.telemetry.registry import load_launch_model
 from routescan.telemetry.schema import (
+    ExportLevel,
     LabelKey,
     Labels,
     ModelId,
@@ -267,6 +268,8 @@ class Fingerprint(BaseModel):
     values: Annotated[list[Annotated[float, Strict()]], Field(min_length=1, max_length=1_000_000)]
     row: Row | None = None
     labels: Labels = Field(default_factory=dict)
+    # which export level the values are (routescan.privacy.levels); a detector scores only its own
+    export_level: ExportLevel = ExportLevel.full
 
     @field_validator("values")
     @classmethod

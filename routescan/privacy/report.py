@@ -127,3 +127,130 @@ def figure(results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+FRONTIER_START = "<!-- frontier: written by routescan frontier; a rerun replaces this section -->"
+FRONTIER_END = "<!-- /frontier -->"
+
+
+def render_frontier(results: dict[str, Any], *, command: str, figure: str | None) -> str:
+    """docs/privacy.md's frontier section: one row per export level, leakage beside detection."""
+    goal = results["goal"]
+    lines = [
+        FRONTIER_START,
+        "## The frontier: export levels, what leaks and what detection keeps",
+        "",
+        f"{results['attack_rows']} plain prompts attacked (75% attacker training, 25% held out); "
+        f"{results['detection_rows']} requests for detection (LODO and wrapper folds, logistic regression "
+        "on each level's records; the score level is read as the score). Every level is fitted on "
+        "training rows only, and its attackers are trained on its own output and know its parameters. "
+        "Written by:",
+        "",
+        f"```bash\n{command}\n```",
+        "",
+        f"Goal: content-word F1 ≤ {goal['word_f1']:.2f}, top-1 among 1,000 ≤ {goal['top1_1000']:.0%}, "
+        f"LODO AUROC ≥ {goal['lodo_auroc']:.2f}, wrapper AUROC within {goal['wrapper_drop']:.2f} of full. "
+        "Word F1 is the best of the linear, MLP and k-NN attackers; top-1 the better of the learned and "
+        "the model-access (dictionary) attacker, ties broken at random.",
+        "",
+        "| level | values | ε | word F1 (frequent words) | top-1 @100 | top-1 @1000 | length MAE (mean) | "
+        "source acc (majority) | domain acc (majority) | LODO AUROC | LODO TPR@1% | wrapper AUROC | "
+        "wrapper TPR@1% | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        s, leak = row["summary"], row["leakage"]
+        v = leak["revealed"]
+        eps = leak["privacy"]["epsilon"]
+        length = v.get("length", {})
+        nan = float("nan")
+        mae, mean_mae = length.get("mae_tokens", nan), length.get("baseline_mae_tokens", nan)
+        met = [k for k, ok in row["goal"].items() if not ok]
+        lines.append(
+            f"| {row['name']} | {leak['dim']} | {'—' if eps is None else f'{eps:g}'} | "
+            f"{s['word_f1']:.3f} ({s['frequent_words_f1']:.3f}) | {s['top1_100']:.3f} | "
+            f"{s['top1_1000']:.4f} | {mae:.1f} ({mean_mae:.1f}) | "
+            + " | ".join(
+                f"{v[k]['accuracy']:.3f} ({v[k]['majority_baseline']:.3f})" if k in v else "—"
+                for k in ("source", "harm_domain")
+            )
+            + f" | {s['lodo_auroc']:.3f} | {s['lodo_tpr1']:.3f} | {s['wrapper_auroc']:.3f} | "
+            f"{s['wrapper_tpr1']:.3f} | {'met' if not met else 'misses ' + ', '.join(met)} |"
+        )
+    rec = results.get("recommended")
+    floor = results.get("label_floor")
+    if floor:
+        lines += [
+            "",
+            f"The harm label alone, given to the same word attackers, reaches F1 {floor['word_f1']:.3f} "
+            f"(frequent words {floor['frequent_words_f1']:.3f}): any level that tells harmful from "
+            "benign gives away at least that much vocabulary.",
+        ]
+    lines += [
+        "",
+        f"Recommended level for a daemon reached over the network: **{rec}**."
+        if rec
+        else "No level keeps detection inside the goal.",
+    ]
+    if figure:
+        lines += ["", f"![detection against leakage]({figure})"]
+    lines += ["", FRONTIER_END]
+    return "\n".join(lines)
+
+
+def splice(document: str, section: str) -> str:
+    """``document`` with its frontier section replaced by ``section`` (appended when it has none)."""
+    start, end = document.find(FRONTIER_START), document.find(FRONTIER_END)
+    if start < 0 or end < start:
+        return document.rstrip("\n") + "\n\n" + section + "\n"
+    return document[:start] + section + document[end + len(FRONTIER_END) :]
+
+
+def frontier_figure(results: dict[str, Any], path: Path) -> Path:
+    """Detection against leakage, one point per level: wrapper and LODO AUROC against the prompt's
+    top-1 among 1,000, and wrapper AUROC against content-word F1; the goal's limits dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    goal, rows = results["goal"], results["rows"]
+    full = rows[0]["summary"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    panels = (
+        (axes[0], "top1_1000", "wrapper_auroc", "prompt top-1 among 1,000 (best attacker)", "wrapper AUROC"),
+        (axes[1], "top1_1000", "lodo_auroc", "prompt top-1 among 1,000 (best attacker)", "LODO AUROC"),
+        (axes[2], "word_f1", "wrapper_auroc", "content-word F1 (best attacker)", "wrapper AUROC"),
+    )
+    for ax, x, y, xlabel, ylabel in panels:
+        for i, row in enumerate(rows):
+            s = row["summary"]
+            colour = {"full": "tab:red", "layers": "tab:purple", "harm": "tab:green"}.get(
+                row["level"], "tab:blue"
+            )
+            ax.scatter(max(s[x], 1e-3), s[y], color=colour, s=28)
+            ax.annotate(
+                row["name"], (max(s[x], 1e-3), s[y]), fontsize=6.5, xytext=(4, 6 if i % 2 else -9),
+                textcoords="offset points",
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.axvline(goal["top1_1000"], color="grey", linestyle="--", linewidth=0.8)
+    axes[2].axvline(goal["word_f1"], color="grey", linestyle="--", linewidth=0.8)
+    floor = results.get("label_floor")
+    if floor:
+        axes[2].axvline(floor["word_f1"], color="tab:orange", linestyle=":", linewidth=1.0)
+        axes[2].annotate("harm label alone", (floor["word_f1"], axes[2].get_ylim()[0]), fontsize=7,
+                         xytext=(3, 4), textcoords="offset points", color="tab:orange")  # fmt: skip
+    for ax in (axes[0], axes[2]):
+        ax.axhline(full["wrapper_auroc"] - goal["wrapper_drop"], color="grey", linestyle="--", linewidth=0.8)
+    axes[1].axhline(goal["lodo_auroc"], color="grey", linestyle="--", linewidth=0.8)
+    fig.suptitle("Export levels: detection kept against what the fair attacker recovers (goal: dashed)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

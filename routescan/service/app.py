@@ -31,9 +31,10 @@ from routescan.service.metrics import Metrics
 from routescan.service.routers import audits, docs, probes, scores
 from routescan.service.routers import detector as detector_routes
 from routescan.service.routers import metrics as metrics_routes
-from routescan.service.scoring import BatchTooLarge, ScoringService, why
+from routescan.service.scoring import BatchTooLarge, FullFromNetwork, ScoringService, why
 from routescan.service.settings import ServiceSettings
 from routescan.service.store import AuditStore, StoreError, StoreReadError, open_audit_store
+from routescan.telemetry.schema import ExportLevel
 
 log = logging.getLogger("routescan.service")
 
@@ -57,6 +58,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         det = detector or Detector.load(resolve_detector(settings.detector))
+        level = settings.resolved_export_level(det.export.level)
+        det = det.at_level(level, epsilon=settings.export_epsilon)
+        if level != ExportLevel.full:
+            log.info("scoring '%s' export-level records (%s)", level.value, det.export.describe())
         point = resolve_operating_point(det.card, name=settings.operating_point)
         audit = store or open_store(settings)
         alerts = None
@@ -134,6 +139,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputRejected)
     async def rejected(_: Request, exc: InputRejected) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(FullFromNetwork)
+    async def full_from_network(_: Request, exc: FullFromNetwork) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
 
     @app.exception_handler(BatchTooLarge)
     async def too_many(_: Request, exc: BatchTooLarge) -> JSONResponse:

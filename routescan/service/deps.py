@@ -6,6 +6,7 @@ body dependency, so a request without the token is refused before a byte of its 
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
@@ -78,6 +79,8 @@ class Body:
 
     data: bytes
     binary: bool
+    # the peer is on this host (a Unix socket, or a loopback address): full records may come from it
+    local: bool = True
 
 
 async def read_body(request: Request) -> Body:
@@ -101,7 +104,19 @@ async def read_body(request: Request) -> Body:
         if size > limit:
             raise HTTPException(413, f"request body over the {limit}-byte limit (max_body_bytes)")
         parts.append(chunk)
-    return Body(b"".join(parts), media in MSGPACK_TYPES)
+    return Body(b"".join(parts), media in MSGPACK_TYPES, local=is_local_peer(request))
+
+
+def is_local_peer(request: Request) -> bool:
+    """A Unix-socket peer (no address) or a loopback address. A proxy in front makes every peer look
+    local: such a daemon relies on the proxy, and docs/deploy.md says so."""
+    client = request.client
+    if client is None or not client.host:
+        return True
+    try:
+        return ipaddress.ip_address(client.host).is_loopback
+    except ValueError:
+        return client.host == "localhost"
 
 
 BodyDep = Annotated[Body, Depends(read_body)]

@@ -103,3 +103,6 @@ class DetectorInfo(_Strict):
     training: dict[str, Any]
     metrics: dict[str, Any]
     notes: str
+    # the records this daemon scores (level, bins or projection) and the values each holds
+    export: dict[str, Any] = Field(default_factory=dict)
+    export_values: int | None = None

@@ -27,6 +27,7 @@ from routescan.service.metrics import Metrics
 from routescan.service.schemas import BatchRequest, ScoreRequest, ScoreResult
 from routescan.service.settings import ServiceSettings
 from routescan.service.store import AuditRecord, AuditStore
+from routescan.telemetry.schema import ExportLevel
 from routescan.telemetry.wire import WireError, unpackb
 
 M = TypeVar("M", bound=BaseModel)
@@ -36,6 +37,10 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
 
 class BatchTooLarge(ValueError):
     """More items than ``max_batch``."""
+
+
+class FullFromNetwork(PermissionError):
+    """A full-level record (a trace, a full fingerprint) from a peer that is not on this host."""
 
 
 def safe_loc(loc: Sequence[Any]) -> list[str | int]:
@@ -146,7 +151,9 @@ class ScoringService:
         self.alerts = alerts
         self._limiter = anyio.CapacityLimiter(settings.parse_threads)
 
-    def evaluate(self, body: bytes, batch: bool, large: bool, binary: bool = False) -> list[Scored]:
+    def evaluate(
+        self, body: bytes, batch: bool, large: bool, binary: bool = False, local: bool = True
+    ) -> list[Scored]:
         """CPU work of one request: parse, check, featurise, score (a large JSON body is first
         checked for field floods, which pydantic-core would otherwise spend seconds refusing; the
         binary decoder bounds maps itself)."""
@@ -160,10 +167,20 @@ class ScoringService:
         else:
             items = [parse(body, ScoreRequest, binary=binary)]
         inputs = [i.trace if i.trace is not None else i.fingerprint for i in items]
+        if not local and not self.settings.allow_full_from_network:
+            full = [n for n, item in enumerate(inputs) if item.export_level == ExportLevel.full]  # type: ignore[union-attr]
+            if full:
+                where = f"item {full[0]} is" if batch else "this is"
+                raise FullFromNetwork(
+                    f"{where} a full-level record (a trace or full fingerprint: nearly the prompt, "
+                    "docs/privacy.md) from a peer that is not on this host; send a reduced level "
+                    "(ROUTESCAN_EXPORT_LEVEL on the agent) or, to accept it anyway, set "
+                    "allow_full_from_network: true on this daemon"
+                )
         return self.scorer.score(inputs)  # type: ignore[arg-type]
 
     async def score(
-        self, body: bytes, *, batch: bool, binary: bool = False, replay: bool = False
+        self, body: bytes, *, batch: bool, binary: bool = False, replay: bool = False, local: bool = True
     ) -> tuple[list[ScoreResult], float]:
         """Score a request body and record every result before acknowledging any.
 
@@ -175,10 +192,10 @@ class ScoringService:
         goes to a worker thread, so probes and small requests are answered while it is scored."""
         start = time.perf_counter()
         if len(body) <= self.settings.inline_parse_bytes:
-            scored = self.evaluate(body, batch, large=False, binary=binary)
+            scored = self.evaluate(body, batch, large=False, binary=binary, local=local)
         else:  # a big body would hold the event loop (and every probe) for its whole parse
             scored = await anyio.to_thread.run_sync(
-                functools.partial(self.evaluate, body, batch, large=True, binary=binary),
+                functools.partial(self.evaluate, body, batch, large=True, binary=binary, local=local),
                 limiter=self._limiter,
             )
         card, point, now = self.scorer.card, self.scorer.point, time.time()

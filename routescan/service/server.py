@@ -128,6 +128,8 @@ def serve(settings: ServiceSettings, *, say: Callable[[str], None]) -> None:
     detector_path = resolve_detector(settings.detector)
     say(f"routescan serve: loading detector {detector_path}")
     det = Detector.load(detector_path)
+    level = settings.resolved_export_level(det.export.level)
+    det = det.at_level(level, epsilon=settings.export_epsilon)
     card = det.card
     point = resolve_operating_point(card, name=settings.operating_point)
     say(
@@ -135,6 +137,14 @@ def serve(settings: ServiceSettings, *, say: Callable[[str], None]) -> None:
         f"{card.spec.model_id} / {card.spec.launch_model}; operating point {point.name} "
         f"(threshold {point.threshold:.4f})"
     )
+    full_note = ""
+    if level == "full" and not settings.local_only():
+        full_note = (
+            "; full records from other hosts are ACCEPTED (allow_full_from_network)"
+            if settings.allow_full_from_network
+            else "; full records from other hosts are refused (403): agents there must send a reduced level"
+        )
+    say(f"export level {det.export.describe()}{full_note}")
     store = open_store(settings)
     auth = "bearer token" if token else "off (loopback or socket only)"
     say(f"audit store {store.location}; auth {auth}")

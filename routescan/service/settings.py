@@ -23,6 +23,8 @@ from pydantic_settings import (
 )
 
 from routescan.config import config_dir
+from routescan.privacy.levels import NETWORK_DEFAULT
+from routescan.telemetry.schema import ExportLevel
 
 # Which YAML file the settings being built read: set for the duration of one load_settings call.
 _YAML_FILE: ContextVar[Path | None] = ContextVar("routescan_service_yaml", default=None)
@@ -64,6 +66,16 @@ class ServiceSettings(BaseSettings):
     webhook_retries: int = Field(3, ge=0)
     webhook_timeout_s: float = Field(2.0, gt=0)
     access_log: bool = False
+    # The export level of the records this daemon scores (routescan.privacy.levels; docs/privacy.md).
+    # Unset: the detector's own level when it was trained on a reduced one; else full for a daemon
+    # on a Unix socket or loopback, and the network default (score) for one bound beyond loopback.
+    export_level: ExportLevel | None = None
+    # randomised response on the score level's bins, epsilon per request (the agent applies it; the
+    # daemon's card says what it expects)
+    export_epsilon: float | None = Field(None, gt=0)
+    # Full fingerprints and traces are nearly the prompt: from a peer that is not on this host they
+    # are refused (403) unless the operator sets this, in so many words.
+    allow_full_from_network: bool = False
     _token: str | None = PrivateAttr(default=None)
 
     @classmethod
@@ -144,6 +156,22 @@ class ServiceSettings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    def local_only(self) -> bool:
+        """Only this host can connect: a Unix socket or a loopback bind."""
+        return self.uds is not None or self.is_loopback()
+
+    def resolved_export_level(self, detector_level: ExportLevel = ExportLevel.full) -> ExportLevel:
+        """The level this daemon scores: the setting, else the detector's own reduced level, else
+        full on a local-only daemon (or when full from the network is allowed) and the network
+        default otherwise."""
+        if self.export_level is not None:
+            return self.export_level
+        if detector_level != ExportLevel.full:
+            return detector_level
+        if self.local_only() or self.allow_full_from_network:
+            return ExportLevel.full
+        return NETWORK_DEFAULT
 
     def trusted_hosts(self) -> list[str]:
         """Host header values the server answers (``*``: any, for a socket or a token-guarded bind)."""

@@ -196,6 +196,17 @@ class Region(StrEnum):
     other = "other"  # outside any MoE region (attention, norms...), kept apart
 
 
+class ExportLevel(StrEnum):
+    """How much of a request's routing a record carries (:mod:`routescan.privacy.levels`): ``full``
+    (the counts, or the whole fingerprint), ``layers`` (per-layer summaries), ``harm`` (a few
+    quantised directions learned for harm) or ``score`` (the on-host detector's binned score)."""
+
+    full = "full"
+    layers = "layers"
+    harm = "harm"
+    score = "score"
+
+
 class Unit(StrEnum):
     """What ``threads`` counts. ``router`` traces count routed (token, slot) pairs instead."""
 
@@ -387,6 +398,9 @@ class RequestTrace(_Strict):
     # per-request sum dilutes a short request inside a long template; only on prompts longer than
     # one window
     windows: Windows | None = None
+    # a trace is the full level by definition (its counts are the whole routing); the field says so
+    # in every record, so a daemon that takes only reduced records refuses it by level, not by shape
+    export_level: Literal[ExportLevel.full] = ExportLevel.full
 
     @model_validator(mode="after")
     def _consistent(self) -> RequestTrace:

@@ -30,4 +30,6 @@ async def detector_info(service: ServiceDep) -> DetectorInfo:
         training=card.training,
         metrics=card.metrics,
         notes=card.notes,
+        export=card.export.model_dump(mode="json", exclude_none=True),
+        export_values=card.export.dim(card.spec),
     )

@@ -22,7 +22,8 @@ from routescan.telemetry.wire import MEDIA_TYPE
 router = APIRouter(prefix="/v1", tags=["scores"], dependencies=[Authorized])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong bearer token"},
-    409: {"description": "input of another model / launch model / fingerprint spec"},
+    403: {"description": "a full-level record from a peer off this host (allow_full_from_network is off)"},
+    409: {"description": "input of another model / launch model / fingerprint spec / export level"},
     413: {"description": "body over max_body_bytes, or more items than max_batch"},
     415: {"description": "neither application/json nor application/msgpack"},
     422: {"description": "invalid, empty or out-of-range input (the field is named, never echoed)"},
@@ -42,7 +43,7 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 @router.post("/score", response_model=ScoreResult, responses=_ERRORS, openapi_extra=_json_body(ScoreRequest))
 async def score_one(body: BodyDep, service: ServiceDep) -> Response:
     """Score one trace or fingerprint; the result is in the audit log before it is returned."""
-    results, _ = await service.score(body.data, batch=False, binary=body.binary)
+    results, _ = await service.score(body.data, batch=False, binary=body.binary, local=body.local)
     # serialised here: the result is built from validated values, so FastAPI's response-model
     # validation and encoding would only repeat work on the hot path (the schema stays documented)
     return Response(results[0].model_dump_json(), media_type="application/json")
@@ -60,7 +61,9 @@ async def score_batch(
 ) -> Response:
     """Score up to ``max_batch`` items in one call (one model pass, one audit transaction)."""
     service.metrics.agents.report(agent, agent_counters)
-    results, latency = await service.score(body.data, batch=True, binary=body.binary, replay=replay == "1")
+    results, latency = await service.score(
+        body.data, batch=True, binary=body.binary, replay=replay == "1", local=body.local
+    )
     flagged = sum(r.label == "flagged" for r in results)
     batch = BatchResult.model_construct(results=results, flagged=flagged, latency_ms=latency)
     return Response(batch.model_dump_json(), media_type="application/json")
