@@ -107,3 +107,37 @@ def test_retrieval_breaks_ties_at_random() -> None:
     assert _hits(np.array([1.0] * 10 + [0.0] * 90), 1) == pytest.approx(0.1)
     assert _hits(np.array([1.0] * 10 + [0.0] * 90), 10) == 1.0
     assert _hits(np.array([0.5, 1.0, 0.0]), 1) == 0.0
+
+
+def test_a_rerun_of_invert_keeps_the_frontier_and_hand_written_parts(tmp_path) -> None:
+    from routescan.privacy.report import FRONTIER_END, FRONTIER_START, HAND_WRITTEN, kept_sections, splice
+
+    doc = tmp_path / "privacy.md"
+    doc.write_text(f"# generated\n\nold tables\n\n{HAND_WRITTEN}\n\nmy notes\n")
+    doc.write_text(splice(doc.read_text(), f"{FRONTIER_START}\nfrontier v1\n{FRONTIER_END}"))
+    kept = kept_sections(doc)
+    assert "old tables" not in kept and kept.count("frontier v1") == 1 and "my notes" in kept
+    # a frontier above the marker is kept too, once
+    doc.write_text(f"# generated\n{FRONTIER_START}\nfrontier v2\n{FRONTIER_END}\n{HAND_WRITTEN}\nnotes\n")
+    assert kept_sections(doc).count("frontier v2") == 1
+    assert kept_sections(tmp_path / "missing.md") == ""
+
+
+def test_the_network_default_is_the_measured_frontier_recommendation() -> None:
+    """The daemon's default beyond loopback is the level docs/privacy.md's frontier recommends, and
+    the shipped reference detector carries its fitted bins."""
+    import json
+    from pathlib import Path
+
+    from routescan.detector.artifact import Detector, detector_path
+    from routescan.privacy.frontier import DEFAULT_RECIPES
+    from routescan.privacy.levels import DEFAULT_SCORE_BINS, NETWORK_DEFAULT
+
+    results = json.loads((Path(__file__).parents[1] / "docs" / "privacy-frontier.json").read_text())
+    recommended = {r.name: r for r in DEFAULT_RECIPES}[results["recommended"]]
+    assert recommended.level == NETWORK_DEFAULT and recommended.bins == DEFAULT_SCORE_BINS
+    assert recommended.epsilon is None and not recommended.exact
+    reference = Detector.load(detector_path("smollm2-e32k16-shared-router"))
+    edges = reference.card.score_bins
+    assert edges and {p.threshold for p in reference.card.operating_points} <= set(edges)
+    assert reference.at_level(NETWORK_DEFAULT).export.edges == edges

@@ -33,8 +33,12 @@ def vllm_python() -> Path:
 
 
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("fmt", ["qwen2-moe", "mixtral"])  # both `routescan export` formats
-def test_one_exact_trace_per_request_through_real_vllm(vllm_python: Path, tmp_path: Path, fmt: str) -> None:
+# both `routescan export` formats; the second run sends the score export level (the agent scores on
+# the serving side; only bins cross the socket and the spool)
+@pytest.mark.parametrize(("fmt", "level"), [("qwen2-moe", "full"), ("mixtral", "score")])
+def test_one_exact_trace_per_request_through_real_vllm(
+    vllm_python: Path, tmp_path: Path, fmt: str, level: str
+) -> None:
     model = build_stock_tiny(tmp_path / "model", fmt)
     detector = plumbing_detector(model, tmp_path / "detector.zip")
     rng = np.random.default_rng(0 if fmt == "qwen2-moe" else 1)
@@ -50,6 +54,7 @@ def test_one_exact_trace_per_request_through_real_vllm(vllm_python: Path, tmp_pa
             long_prompt=long_prompt,
             vllm_python=vllm_python,
             max_num_batched_tokens=MAX_BATCHED,
+            export_level=level,
         )
     )
     n = len(prompts) * 2 + 1
@@ -67,3 +72,9 @@ def test_one_exact_trace_per_request_through_real_vllm(vllm_python: Path, tmp_pa
     # flip from a different summation order would show as counts_exact < n).
     assert report.prompt_tokens_match == n
     assert report.counts_exact == n, report.as_dict()
+
+    if level == "score":
+        from routescan.detector.artifact import Detector
+
+        bins = Detector.load(detector).at_level("score").export.values()
+        assert report.audited_scores and set(report.audited_scores) <= set(bins.tolist())

@@ -84,6 +84,9 @@ class E2EConfig:
     startup_timeout_s: float = 600.0
     drain_timeout_s: float = 120.0
     extra_vllm_args: Sequence[str] = ()
+    # what the plugin sends and the daemon scores: full traces, or a reduced level (score: the agent
+    # bins the detector's score on the serving side, and only that crosses the socket and the spool)
+    export_level: str = "full"
 
 
 @dataclass
@@ -101,6 +104,7 @@ class E2EReport:
     plugin_log: str = ""  # the plugin's start-up line in vLLM's log
     spooled_while_down: int = 0  # traces on the agent's spool before the daemon came back
     spool_replayed: bool = False
+    audited_scores: list[float] = field(default_factory=list)
 
     @property
     def missing(self) -> int:
@@ -212,6 +216,7 @@ def start_daemon(cfg: E2EConfig, sock: Path, db: Path) -> _Process:
     """``routescan serve`` on the Unix socket ``sock``; returns once ``/readyz`` answers."""
     env = {**os.environ, "ROUTESCAN_NO_PROGRESS": "1"}
     argv = [*_routescan_argv(), "serve", "--uds", str(sock), "--detector", str(cfg.detector), "--db", str(db)]
+    argv += ["--export-level", cfg.export_level]
     daemon = _Process(argv, cfg.workdir / "daemon.log", env)
     transport = httpx.HTTPTransport(uds=str(sock))
 
@@ -243,6 +248,8 @@ def start_vllm(
         "ROUTESCAN_AGENT": "1" if agent else "0",
         "ROUTESCAN_DAEMON": f"unix://{sock}",
         "ROUTESCAN_SPOOL": str(cfg.workdir / f"{name}.spool.jsonl"),
+        "ROUTESCAN_EXPORT_LEVEL": cfg.export_level,
+        "ROUTESCAN_DETECTOR": str(cfg.detector),
     }
     if trace_file:
         env["ROUTESCAN_TRACE_FILE"] = str(cfg.workdir / f"{name}.traces.jsonl")
@@ -369,6 +376,7 @@ def run_e2e(cfg: E2EConfig) -> E2EReport:
         time.sleep(2.0)  # anything still in flight would show as a duplicate now
         seen = audited()
         report.audited = {r: seen.get(r, 0) for r in ids}
+        report.audited_scores = [float(r["score"]) for r in store.query(limit=100_000)]
         report.spool_replayed = not (cfg.workdir / "vllm.spool.jsonl").exists()
         traces = _read_traces(cfg.workdir / "vllm.traces.jsonl")
         written = Counter(_owner(t.trace_id, ids) for t in traces)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,7 @@ from routescan.features.fingerprint import FingerprintMismatch, FingerprintSpec,
 from routescan.features.table import write_table
 from routescan.telemetry.io import TraceFileError, iter_trace_rows
 from routescan.telemetry.launch import LaunchModelError
-from routescan.telemetry.schema import ExportLevel
+from routescan.telemetry.schema import ExportLevel, RequestTrace
 
 
 def featurize(
@@ -73,20 +74,14 @@ def _featurize(
         _export(traces, out, skip_bad, launch_model, export_level, detector, export_epsilon)
         return
     spec: FingerprintSpec | None = None
-    fps, bad = [], 0
-    with ProgressLines("featurizing", None) as bar:
-        for number, item in iter_trace_rows(traces):
-            try:
-                if isinstance(item, TraceFileError):
-                    raise item
-                spec = spec or FingerprintSpec.from_trace(item, launch_model)
-                fps.append(fingerprint(item, spec))
-            except (TraceFileError, FingerprintMismatch, LaunchModelError) as exc:
-                if not skip_bad:
-                    raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
-                bad += 1
-                console.print(f"[yellow]skipped[/] row {number}: {exc}", highlight=False)
-            bar.advance()
+    fps = []
+
+    def add(item: RequestTrace) -> None:
+        nonlocal spec
+        spec = spec or FingerprintSpec.from_trace(item, launch_model)
+        fps.append(fingerprint(item, spec))
+
+    bad = _each_valid(traces, skip_bad, "featurizing", add)
     if spec is None:
         raise ValueError(f"{traces}: no valid trace to featurize")
     write_table(out, spec, fps)
@@ -97,8 +92,27 @@ def _featurize(
     typer.echo(json.dumps({"fingerprints": len(fps), "skipped": bad, "features": spec.dim, "out": str(out)}))
 
 
+def _each_valid(traces: Path, skip_bad: bool, label: str, handle: Callable[[RequestTrace], None]) -> int:
+    """``handle`` each valid trace of the file; a bad row stops the run, or with ``skip_bad`` is
+    reported and skipped. Returns the rows skipped."""
+    bad = 0
+    with ProgressLines(label, None) as bar:
+        for number, item in iter_trace_rows(traces):
+            try:
+                if isinstance(item, TraceFileError):
+                    raise item
+                handle(item)
+            except (TraceFileError, FingerprintMismatch, LaunchModelError) as exc:
+                if not skip_bad:
+                    raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
+                bad += 1
+                console.print(f"[yellow]skipped[/] row {number}: {exc}", highlight=False)
+            bar.advance()
+    return bad
+
+
 def _export(traces, out, skip_bad, launch_model, level, detector, epsilon) -> None:
-    """Records of an export level, one batch of valid traces at a time."""
+    """Records of an export level, featurised a batch of valid traces at a time."""
     from routescan.detector.artifact import Detector, detector_path
     from routescan.detector.exporter import Exporter, write_records
 
@@ -106,28 +120,17 @@ def _export(traces, out, skip_bad, launch_model, level, detector, epsilon) -> No
         Detector.load(detector_path(detector)) if detector is not None or level in ("score", "harm") else None
     )
     exporter = Exporter(level, det, epsilon=epsilon, launch_model=launch_model)
-    records, bad, batch = [], 0, []
+    records, batch = [], []
 
-    def flush() -> None:
-        records.extend(exporter.records(batch))
-        batch.clear()
+    def add(item: RequestTrace) -> None:
+        exporter.spec(item).check(item)  # refused here, row by row, not in the batch below
+        batch.append(item)
+        if len(batch) >= 256:
+            records.extend(exporter.records(batch))
+            batch.clear()
 
-    with ProgressLines(f"exporting ({level.value})", None) as bar:
-        for number, item in iter_trace_rows(traces):
-            try:
-                if isinstance(item, TraceFileError):
-                    raise item
-                exporter.spec(item).check(item)
-                batch.append(item)
-                if len(batch) >= 256:
-                    flush()
-            except (TraceFileError, FingerprintMismatch, LaunchModelError) as exc:
-                if not skip_bad:
-                    raise ValueError(f"row {number}: {exc} (use --skip-bad to skip such rows)") from None
-                bad += 1
-                console.print(f"[yellow]skipped[/] row {number}: {exc}", highlight=False)
-            bar.advance()
-        flush()
+    bad = _each_valid(traces, skip_bad, f"exporting ({level.value})", add)
+    records.extend(exporter.records(batch))
     if not records:
         raise ValueError(f"{traces}: no valid trace to export")
     write_records(out, exporter, records)

@@ -54,7 +54,7 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, l
     from routescan.corpus.builder import CorpusConfig, build_corpus
     from routescan.features.fingerprint import FingerprintSpec
     from routescan.privacy.inversion import AttackData, run_attacks
-    from routescan.privacy.report import figure, render
+    from routescan.privacy.report import figure, kept_sections, render
     from routescan.telemetry.io import read_traces
 
     rows = list(read_traces(traces))
@@ -97,7 +97,8 @@ def _invert(traces, corpus, out, corpora, top_n, include_wrapped, pools, seed, l
     command = "routescan invert " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     fig = figure(results, out.parent / "figures" / f"{out.stem}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, command=command, figure=f"figures/{fig.name}"), encoding="utf-8")
+    text = render(results, command=command, figure=f"figures/{fig.name}")
+    out.write_text(text + kept_sections(out), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     w = results["word_recovery"]
     summary = {k: round(v["f1"], 4) for k, v in w.items() if isinstance(v, dict)}

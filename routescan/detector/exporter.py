@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from routescan.detector.artifact import Detector, DetectorError
-from routescan.features.fingerprint import Fingerprint, FingerprintSpec
+from routescan.features.fingerprint import Fingerprint, FingerprintSpec, fingerprints
 from routescan.files import atomic_path
 from routescan.privacy.levels import FULL, LAYERS, ExportSpec, reduce
 from routescan.telemetry.schema import ExportLevel, RequestTrace
@@ -75,18 +75,7 @@ class Exporter:
         X = spec.transform_many(traces)
         score = self.detector.full_proba if self.detector is not None else None
         R = reduce(X, self.export, spec, score=score)
-        return [
-            Fingerprint(
-                trace_id=t.trace_id,
-                model_id=t.model_id,
-                launch_model=spec.launch_model,
-                values=r.tolist(),
-                row=t.row,
-                labels=dict(t.labels),
-                export_level=self.level,
-            )
-            for t, r in zip(traces, R, strict=True)
-        ]
+        return fingerprints(traces, spec, values=R, export_level=self.level)
 
 
 def write_records(path: str | Path, exporter: Exporter, records: Sequence[Fingerprint]) -> int:

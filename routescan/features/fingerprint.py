@@ -279,9 +279,16 @@ class Fingerprint(BaseModel):
         return values
 
 
-def fingerprints(traces: Sequence[RequestTrace], spec: FingerprintSpec) -> list[Fingerprint]:
-    """Fingerprints of traces under ``spec`` (featurised as one batch)."""
-    X = spec.transform_many(traces)
+def fingerprints(
+    traces: Sequence[RequestTrace],
+    spec: FingerprintSpec,
+    *,
+    values: np.ndarray | None = None,
+    export_level: ExportLevel = ExportLevel.full,
+) -> list[Fingerprint]:
+    """Fingerprints of traces under ``spec`` (featurised as one batch), or records of another export
+    level whose ``values`` (one row per trace) were derived from them."""
+    X = spec.transform_many(traces) if values is None else values
     return [
         Fingerprint(
             trace_id=t.trace_id,
@@ -290,6 +297,7 @@ def fingerprints(traces: Sequence[RequestTrace], spec: FingerprintSpec) -> list[
             values=x.tolist(),
             row=t.row,
             labels=dict(t.labels),
+            export_level=export_level,
         )
         for t, x in zip(traces, X, strict=True)
     ]

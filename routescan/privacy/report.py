@@ -74,8 +74,9 @@ def render(results: dict[str, Any], *, command: str, figure: str | None) -> str:
         "",
         "- A fingerprint is a deterministic function of the prompt. Anyone who can run the same model on a "
         "list of guesses can confirm an exact guess (the model-access rows). RouteScan therefore treats "
-        "fingerprints as sensitive metadata: they stay inside the operator's trust boundary (the audit "
-        "store keeps scores and ids, and the service never returns fingerprints to callers).",
+        "fingerprints as sensitive metadata: full ones stay on the serving host, and what leaves it is an "
+        "export level (the frontier below); the audit store keeps scores and ids, and the service never "
+        "returns fingerprints to callers.",
         "- Per-token expert choices leak far more than these per-request aggregates: published inversion "
         "attacks on MoE routing reconstruct most of a prompt's tokens from the sequence of selected "
         "experts, because each token's expert set is a strong hash of the token in its context. RouteScan "
@@ -127,6 +128,25 @@ def figure(results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+HAND_WRITTEN = "<!-- hand-written: kept by routescan invert and routescan frontier -->"
+
+
+def kept_sections(path: Path) -> str:
+    """What a rerun of ``routescan invert`` keeps of an existing report: its frontier section and
+    everything from the hand-written marker on."""
+    if not path.exists():
+        return ""
+    old = path.read_text(encoding="utf-8")
+    mark = old.find(HAND_WRITTEN)
+    start, end = old.find(FRONTIER_START), old.find(FRONTIER_END)
+    kept = []
+    if 0 <= start < end and not 0 <= mark < start:  # a frontier above the marker is kept on its own
+        kept.append(old[start : end + len(FRONTIER_END)])
+    if mark >= 0:
+        kept.append(old[mark:].rstrip("\n"))
+    return "".join(f"\n{part}\n" for part in kept)
 
 
 FRONTIER_START = "<!-- frontier: written by routescan frontier; a rerun replaces this section -->"

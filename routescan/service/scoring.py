@@ -82,7 +82,7 @@ def refused(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> Reques
     return RequestValidationError([why({**e, "loc": (*prefix, *e["loc"])}) for e in errors])
 
 
-MAX_FIELDS = 64  # per JSON object: a trace has 14 fields, a launch 10, labels at most 16
+MAX_FIELDS = 64  # per JSON object: a trace has 19 fields, a launch 10, labels at most 16
 MAX_KEY_CHARS = 64
 
 

@@ -27,7 +27,7 @@ MEDIA_TYPES = ("application/msgpack", "application/vnd.msgpack", "application/x-
 EXT_U32 = 1  # counts as little-endian uint32
 EXT_I64 = 2  # counts as little-endian int64 (thread counts past 2**32)
 EXT_U16 = 3  # counts as little-endian uint16 (routed tokens: a count never exceeds the prompt length)
-MAX_FIELDS = 64  # per map: a trace has 18 fields, a launch 10, labels at most 16
+MAX_FIELDS = 64  # per map: a trace has 19 fields, a launch 10, labels at most 16
 MAX_STR = 256  # the longest string any schema takes (a kernel name)
 _DTYPES = {EXT_U16: np.dtype("<u2"), EXT_U32: np.dtype("<u4"), EXT_I64: np.dtype("<i8")}
 
