@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 
 from routescan.cli.main import app
 from routescan.corpus.builder import CorpusConfig, build_corpus, summarize
-from routescan.detector.artifact import Detector
+from routescan.detector.artifact import Detector, DetectorMismatch
 from routescan.detector.dataset import LabelledSet
+from routescan.detector.exporter import Exporter
 from routescan.detector.protocols import family_folds, hard_negative_folds, lodo_folds, source_folds
+from routescan.detector.scoring import Scorer
 from routescan.telemetry.io import read_traces, write_traces
 from routescan.telemetry.schema import Unit
 
@@ -192,6 +194,20 @@ def test_collect_train_evaluate(collected, corpora: Path, recipe: Path, tmp_path
     assert [p.name for p in detector.card.operating_points] == ["fpr1", "fpr5"]
     probs = detector.predict_proba(detector.spec.transform_many(traces[:5]))
     assert np.all((probs >= 0) & (probs <= 1))
+    assert detector.card.score_bins and detector.export.level == "full"
+    # a detector of a reduced level: its card holds the projection, and it scores only that level
+    harm = tmp_path / "harm.zip"
+    result = runner.invoke(app, ["train", str(hf), "-l", "hf-eager", "--method", "logreg",
+                                 "--export-level", "harm", "-o", str(harm)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    harm_detector = Detector.load(harm)
+    assert harm_detector.export.level == "harm" and len(harm_detector.export.directions) == 8
+    assert harm_detector.card.score_bins is None
+    records = Exporter("harm", harm_detector).records(traces[:5])
+    scorer = Scorer(harm_detector, harm_detector.card.operating_point())
+    assert all(0 <= s.score <= 1 for s in scorer.score(records))
+    with pytest.raises(DetectorMismatch, match="'harm' records only"):
+        scorer.score(traces[:1])
     # a detector refuses traces measured under another signal (a kernel collector's threads)
     measured = tmp_path / "cupti.jsonl"
     write_traces(

@@ -129,34 +129,61 @@ def _closed_port() -> int:
     return free_port()  # nothing listens there once the probe socket is closed
 
 
-def test_the_audit_trail_never_holds_a_fingerprint(tmp_path, test_detector, synthetic_traces) -> None:
+def _stored_cells_sqlite(db) -> list[object]:
+    con = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
+        # table names come from sqlite_master itself
+        return [c for t in tables for row in con.execute(f"select * from {t}").fetchall() for c in row]
+    finally:
+        con.close()
+
+
+def _stored_cells_postgres(url: str) -> list[object]:
+    import psycopg
+
+    with psycopg.connect(url) as con:
+        tables = [
+            r[0]
+            for r in con.execute(
+                "select tablename from pg_tables where schemaname = current_schema()"
+            ).fetchall()
+        ]
+        return [c for t in tables for row in con.execute(f'select * from "{t}"').fetchall() for c in row]
+
+
+def _assert_no_fingerprint(cells: list[object], fps, scores: set[float]) -> None:
+    assert cells
+    values = {round(v, 12) for fp in fps for v in fp.values if v not in (0.0, 1.0)} - scores
+    floats = {round(float(c), 12) for c in cells if isinstance(c, float)}
+    assert not floats & values  # no fingerprint value is stored, only scores
+    assert not any(isinstance(c, (str, bytes)) and len(c) > 200 for c in cells)  # no serialised vectors
+    assert not any(isinstance(c, (list, tuple, dict)) for c in cells)
+    assert not any(isinstance(c, str) and ("[" in c or "values" in c) for c in cells)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_audit_trail_never_holds_a_fingerprint(
+    backend, tmp_path, test_detector, synthetic_traces, request
+) -> None:
     """Every column of every table of the audit store, after scoring traces and full fingerprints:
     ids, scores and detector names only; no value of any fingerprint is there."""
-    db = tmp_path / "audit.sqlite3"
-    app = create_app(service_settings(tmp_path), detector=test_detector)
+    kw = {"audit_store": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    app = create_app(service_settings(tmp_path, **kw), detector=test_detector)
     traces = synthetic_traces[:10]
     fps = Exporter("full", test_detector).records(traces)
     with uvicorn_thread(app) as base:
         for t, fp in zip(traces, fps, strict=True):
             assert httpx.post(f"{base}/v1/score", json=score_body(t)).status_code == 200
             assert httpx.post(f"{base}/v1/score", json=_fp_body(fp)).status_code == 200
-    con = sqlite3.connect(db)
-    tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
-    cells: list[object] = []
-    for table in tables:
-        rows = con.execute(f"select * from {table}").fetchall()  # table names from sqlite_master
-        cells.extend(c for row in rows for c in row)
-    con.close()
-    assert len(cells) > 0
-    scores = {
-        round(float(s), 12) for s in test_detector.predict_proba(test_detector.spec.transform_many(traces))
-    }
-    values = {round(v, 12) for fp in fps for v in fp.values if v not in (0.0, 1.0)} - scores
-    floats = {round(c, 12) for c in cells if isinstance(c, float)}
-    assert not floats & values  # no fingerprint value is stored, only scores
-    assert not any(isinstance(c, (str, bytes)) and len(c) > 200 for c in cells)  # no serialised vectors
-    assert not any(isinstance(c, str) and ("[" in c or "values" in c) for c in cells)
-    assert np.isfinite(sorted(floats)).all()
+    if backend == "postgres":
+        cells = _stored_cells_postgres(kw["audit_store"])
+    else:
+        cells = _stored_cells_sqlite(tmp_path / "audit.sqlite3")
+    X = test_detector.spec.transform_many(traces)
+    scores = {round(float(s), 12) for s in test_detector.predict_proba(X)}
+    assert {round(float(c), 12) for c in cells if isinstance(c, float)} & scores  # the scores are there
+    _assert_no_fingerprint(cells, fps, scores)
 
 
 def test_featurize_writes_a_reduced_level_with_its_parameters(

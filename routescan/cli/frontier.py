@@ -35,7 +35,10 @@ def frontier(
     ] = "100,1000",
     levels: Annotated[
         str | None,
-        typer.Option(help="Only these levels of the default list, comma-separated names (default: all)."),
+        typer.Option(
+            help="Only these levels, comma-separated names as in docs/privacy.md's table (e.g. "
+            "score-q12,score-q8); full is always measured, as the reference. Default: all."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     launch_model: SignalOption = None,
@@ -43,7 +46,13 @@ def frontier(
     """Measure each export level (full, layers, harm projections, binned scores with and without
     randomised response): the `routescan invert` attackers trained on the level's own output, and
     LODO / wrapper detection with the level fitted per fold. A research setting: the prompts are
-    rebuilt from the corpus in memory as the attackers' ground truth and never written anywhere."""
+    rebuilt from the corpus in memory as the attackers' ground truth and never written anywhere.
+
+    Example (docs/privacy.md; about 6 minutes on 2 cores for 7,905 traces):
+
+      routescan frontier runs/traces/smollm2-bench.jsonl \\
+        --corpus configs/corpus/benchmarks.yaml -o docs/privacy.md
+    """
     friendly_errors(_frontier)(traces, corpus, out, corpora, top_n, pools, levels, seed, launch_model)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from routescan.cli.common import SignalOption, console, friendly_errors
+from routescan.telemetry.schema import ExportLevel
 
 
 def train(
@@ -47,6 +48,14 @@ def train(
     ] = True,
     notes: Annotated[str, typer.Option(help="Free text for the card (no prompts!).")] = "",
     launch_model: SignalOption = None,
+    export_level: Annotated[
+        ExportLevel,
+        typer.Option(
+            help="The records it will score (docs/privacy.md): full (default; its card also carries the "
+            "score level's bins), or layers / harm, whose parameters go into the card. The score level "
+            "needs no detector of its own.",
+        ),
+    ] = ExportLevel.full,
 ) -> None:
     """Fit a detector on every labelled trace of a corpus and save it with its card.
 
@@ -62,7 +71,7 @@ def train(
     """
     friendly_errors(_train)(
         traces, out, detector_id, version, default_operating_point, seed, launch_model, method,
-        hard_negatives, notes,
+        hard_negatives, notes, export_level,
     )  # fmt: skip
 
 
@@ -77,29 +86,36 @@ def _train(
     method: str,
     hard_negatives: bool,
     notes: str,
+    export_level: ExportLevel = ExportLevel.full,
 ) -> None:
     from collections import Counter
 
     from routescan.detector.artifact import Detector, DetectorCard
     from routescan.detector.dataset import LabelledSet
     from routescan.detector.metrics import auroc
-    from routescan.detector.train import fit_detector, operating_points
+    from routescan.detector.train import at_export_level, fit_detector, operating_points
     from routescan.privacy.levels import DEFAULT_SCORE_BINS, quantile_edges
     from routescan.telemetry.io import read_traces
 
     data = LabelledSet.from_traces(read_traces(traces), launch_model=signal)
     if not hard_negatives:
         data = data.subset(np.flatnonzero(~data.hard_negative))
-    console.print(f"training on {len(data)} traces ({int(data.y.sum())} harmful) with {method}")
+    data, export = at_export_level(data, export_level)
+    console.print(
+        f"training on {len(data)} traces ({int(data.y.sum())} harmful) with {method}, "
+        f"export level {export.describe()}"
+    )
     fitted = fit_detector(data, method=method, seed=seed)
     points = operating_points(fitted.oof_proba, data.y)
-    # the score export level's bins, on the same out-of-fold scores the thresholds come from
-    bins = quantile_edges(
-        fitted.oof_proba,
-        data.environments(),
-        bins=DEFAULT_SCORE_BINS,
-        thresholds=[p.threshold for p in points],
-    )
+    bins = None
+    if export_level == ExportLevel.full:
+        # the score export level's bins, on the same out-of-fold scores the thresholds come from
+        bins = quantile_edges(
+            fitted.oof_proba,
+            data.environments(),
+            bins=DEFAULT_SCORE_BINS,
+            thresholds=[p.threshold for p in points],
+        )
     spec = data.spec
     by_source = Counter(zip(data.source.tolist(), data.y.tolist(), strict=True))
     ident = detector_id or f"routescan-{spec.model_id}-{spec.launch_model}".replace("/", ".")[:128]
@@ -109,6 +125,7 @@ def _train(
         spec=spec,
         operating_points=points,
         score_bins=bins,
+        export=export,
         default_operating_point=op,
         estimator=fitted.description,
         training_command="routescan " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

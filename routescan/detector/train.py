@@ -12,7 +12,7 @@ on the rows that fitted the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,16 @@ from routescan.detector.dataset import LabelledSet
 from routescan.detector.invariant import EnvironmentKFold
 from routescan.detector.metrics import fpr_threshold
 from routescan.features.fingerprint import FingerprintSpec
-from routescan.privacy.levels import DEFAULT_SCORE_BINS, quantile_edges
+from routescan.privacy.levels import (
+    DEFAULT_SCORE_BINS,
+    FULL,
+    LAYERS,
+    ExportSpec,
+    fit_harm,
+    quantile_edges,
+    reduce,
+)
+from routescan.telemetry.schema import ExportLevel
 
 DETECTOR_METHODS = ("logreg", "invariant")
 
@@ -190,3 +199,27 @@ def with_score_bins(detector: Detector, data: LabelledSet, *, bins: int = DEFAUL
     edges = quantile_edges(scores, data.environments(), bins=bins, thresholds=thresholds)
     card = detector.card.model_copy(update={"score_bins": edges})
     return Detector(detector.estimator, card)
+
+
+def at_export_level(data: LabelledSet, level: ExportLevel) -> tuple[LabelledSet, ExportSpec]:
+    """The training set as records of ``level``, and the level fitted on it: ``full`` as is,
+    ``layers`` (per-layer summaries), ``harm`` (8 PLS directions quantised to half a standard
+    deviation: the frontier's ``harm-8x0.5``). A detector trained on them scores only that level.
+    The score level needs no training set of its own: it comes from a full detector's bins."""
+    if level == ExportLevel.full:
+        return data, FULL
+    if level == ExportLevel.score:
+        raise ValueError(
+            "the score level is not trained: train a full detector (its card carries the score bins) "
+            "and serve or export it at --export-level score"
+        )
+    export = LAYERS if level == ExportLevel.layers else fit_harm(data.X, data.y, k=8, step=0.5)
+    return replace(data, X=reduce(data.X, export, data.spec), windows=_no_windows(len(data))), export
+
+
+def _no_windows(n: int) -> np.ndarray:
+    # window fingerprints are full-level records: a reduced training set carries none
+    empty = np.empty(n, dtype=object)
+    for i in range(n):
+        empty[i] = np.empty((0, 0), dtype=np.float32)
+    return empty
