@@ -48,9 +48,9 @@ def frontier(
     LODO / wrapper detection with the level fitted per fold. A research setting: the prompts are
     rebuilt from the corpus in memory as the attackers' ground truth and never written anywhere.
 
-    Example (docs/privacy.md; about 6 minutes on 2 cores for 7,905 traces):
+    Example (docs/privacy.md; about 5 minutes on 2 cores for 7,905 traces):
 
-      routescan frontier runs/traces/smollm2-bench.jsonl \\
+      routescan frontier runs/traces/smollm2-bench.jsonl -l router \\
         --corpus configs/corpus/benchmarks.yaml -o docs/privacy.md
     """
     friendly_errors(_frontier)(traces, corpus, out, corpora, top_n, pools, levels, seed, launch_model)

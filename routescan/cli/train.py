@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from routescan.cli.common import SignalOption, console, friendly_errors
+from routescan.privacy.levels import DEFAULT_SCORE_BINS
 from routescan.telemetry.schema import ExportLevel
 
 
@@ -94,7 +95,7 @@ def _train(
     from routescan.detector.dataset import LabelledSet
     from routescan.detector.metrics import auroc
     from routescan.detector.train import at_export_level, fit_detector, operating_points
-    from routescan.privacy.levels import DEFAULT_SCORE_BINS, quantile_edges
+    from routescan.privacy.levels import quantile_edges
     from routescan.telemetry.io import read_traces
 
     data = LabelledSet.from_traces(read_traces(traces), launch_model=signal)
@@ -171,8 +172,14 @@ def score_bins(
     traces: Annotated[Path, typer.Argument(help="Labelled corpus traces of the traffic it was trained on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the detector with its bins.")],
     bins: Annotated[
-        int, typer.Option(min=2, max=64, help="Quantile bins (the thresholds add up to 2 edges).")
-    ] = 12,
+        int,
+        typer.Option(
+            min=2,
+            max=64,
+            help="Quantile bins (the operating-point thresholds add up to 2 edges). The default is the "
+            "network default's, from docs/privacy.md's frontier.",
+        ),
+    ] = DEFAULT_SCORE_BINS,
     hard_negatives: Annotated[
         bool, typer.Option(help="Count hard negatives among the traffic (off: as training leaves them out).")
     ] = False,

@@ -12,9 +12,10 @@ another level with a 409 as it refuses another model's.
 - ``harm``: the standardised fingerprint projected onto ``k`` directions of largest covariance with
   the harm label (partial least squares), each quantised to ``step`` standard deviations and clipped.
 - ``score``: the on-host detector's harm probability, reduced to the bin it falls in among a few
-  edges (the detector's operating-point thresholds are edges, so flagging is exactly the full
-  detector's); optionally passed through k-ary randomised response, which makes each exported
-  value (epsilon, 0)-differentially private with respect to the whole request.
+  edges: quantiles of its training scores (:func:`quantile_edges`), the operating-point thresholds
+  among them, so flagging is exactly the full detector's; optionally passed through k-ary
+  randomised response, which makes each exported value (epsilon, 0)-differentially private with
+  respect to the whole request.
 
 Why bins and not the probability itself: a float64 score is a perfect hash of the prompt for an
 attacker who can run the detector on guesses (it matches the exact candidate), and among N
@@ -39,14 +40,12 @@ from routescan.telemetry.schema import ExportLevel
 EXPORT_SCHEMA: Literal["routescan.export/1"] = "routescan.export/1"
 
 
-# How much each level sends, most first: "stronger" means further down this list.
-STRENGTH = (ExportLevel.full, ExportLevel.layers, ExportLevel.harm, ExportLevel.score)
 # The level a daemon reached over the network takes unless configured otherwise: the strongest level
 # whose detection stayed inside the goal in docs/privacy.md's frontier.
 NETWORK_DEFAULT = ExportLevel.score
 # Bins of the score level: quantiles of the detector's training scores, environments weighted alike
 # (docs/privacy.md's frontier: more bins keep more wrapper AUROC and give retrieval more).
-DEFAULT_SCORE_BINS = 12
+DEFAULT_SCORE_BINS = 24
 # Edges for a detector whose card has no fitted bins (trained before export levels): a probability
 # grid beside its thresholds. Wrapped requests crowd above 0.9, so it costs wrapper AUROC.
 DEFAULT_SCORE_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)

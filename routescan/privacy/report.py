@@ -208,7 +208,7 @@ def render_frontier(results: dict[str, Any], *, command: str, figure: str | None
         ]
     lines += [
         "",
-        f"Recommended level for a daemon reached over the network: **{rec}**."
+        f"The strongest level whose detection stays inside the goal, on these traces: **{rec}**."
         if rec
         else "No level keeps detection inside the goal.",
     ]
