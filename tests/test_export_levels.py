@@ -245,3 +245,16 @@ def test_score_bins_are_fitted_quantiles_and_the_daemon_uses_them(
     p = binned.full_proba(binned.spec.transform_many(synthetic_traces))
     assert json.loads(result.stdout.strip().splitlines()[-1])["bins"] == len(edges) + 1
     assert np.unique(np.searchsorted(edges, p, side="right")).size >= 3
+
+
+def test_exporter_says_what_a_level_needs(test_detector) -> None:
+    from routescan.detector.artifact import DetectorError
+
+    with pytest.raises(DetectorError, match="computed from a detector"):
+        Exporter("score")
+    with pytest.raises(ValueError, match="score export level only"):
+        Exporter("layers", test_detector, epsilon=1.0)
+    with pytest.raises(DetectorError, match="trained on the 'harm' level"):
+        Exporter("harm", test_detector)  # a full detector holds no projection
+    noisy = Exporter("score", test_detector, epsilon=2.0)
+    assert noisy.export.privacy() == {"epsilon": 2.0, "delta": 0.0}

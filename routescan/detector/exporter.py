@@ -32,6 +32,8 @@ class Exporter:
     ) -> None:
         self.level = ExportLevel(level)
         self.launch_model = launch_model
+        if epsilon is not None and self.level != ExportLevel.score:
+            raise ValueError("epsilon (randomised response) applies to the score export level only")
         if self.level in (ExportLevel.score, ExportLevel.harm) and detector is None:
             raise DetectorError(
                 f"the '{self.level.value}' export level is computed from a detector on the serving host: "
@@ -45,8 +47,6 @@ class Exporter:
                     f"{detector.card.detector_id} reads '{detector.export.level.value}' records, not "
                     f"'{self.level.value}' ones: give a detector trained on the '{self.level.value}' level"
                 )
-        elif epsilon is not None:
-            raise ValueError("epsilon applies to the score export level only")
         self.detector = detector
         self._spec: FingerprintSpec | None = detector.spec if detector is not None else None
 
