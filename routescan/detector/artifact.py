@@ -264,11 +264,8 @@ class Detector:
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Harm probability per row of records of the card's export level: the estimator's, or, for
         the score level, the record's own value (the on-host detector's binned score)."""
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim == 1:
-            X = X[None, :]
         if self.export.level == ExportLevel.score:
-            return X[:, 0]
+            return np.atleast_2d(np.asarray(X, dtype=np.float64))[:, 0]
         return self.full_proba(X)
 
     def full_proba(self, X: np.ndarray) -> np.ndarray:

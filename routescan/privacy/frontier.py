@@ -29,6 +29,7 @@ from routescan.detector.dataset import LabelledSet
 from routescan.detector.methods import logreg_pipeline
 from routescan.detector.metrics import auroc, fpr_threshold, tpr_at_fpr
 from routescan.detector.protocols import family_folds, lodo_folds
+from routescan.features.fingerprint import FingerprintSpec
 from routescan.privacy.inversion import (
     AttackData,
     content_words,
@@ -93,9 +94,20 @@ class Recipe:
         else:
             edges = score_edges(thresholds, self.grid)
         export = score_level(edges, self.epsilon)
-        if self.exact:
-            return export, _Exact(model)
         return export, lambda Z: model.predict_proba(Z)[:, 1]
+
+    def records(
+        self,
+        X: np.ndarray,
+        export: ExportSpec,
+        spec: FingerprintSpec,
+        score: Callable | None,
+        rng: np.random.Generator | None,
+    ) -> np.ndarray:
+        """The level's records of full fingerprints ``X`` (``exact``: the probability itself)."""
+        if self.exact:
+            return score(X)[:, None]  # type: ignore[misc]
+        return reduce(X, export, spec, score=score, rng=rng)
 
 
 _DETECTORS: dict[tuple, Any] = {}
@@ -108,16 +120,6 @@ def _detector(X: np.ndarray, y: np.ndarray, seed: int):
     if key not in _DETECTORS:
         _DETECTORS[key] = logreg_pipeline(seed).fit(X, y)
     return _DETECTORS[key]
-
-
-class _Exact:
-    """The probability as the score record (see ``Recipe.exact``)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def __call__(self, Z: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(Z)[:, 1]
 
 
 # Names are what ``routescan frontier --levels`` takes (no commas). "score-qN": N environment-
@@ -141,40 +143,56 @@ DEFAULT_RECIPES: tuple[Recipe, ...] = (
 )
 
 
-def _reduced(
-    recipe: Recipe, data: LabelledSet, fit_rows: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray, ExportSpec]:
-    """(observed records, the attacker's noiseless records, the level) for every row of ``data``."""
-    export, score = recipe.fit(data.X[fit_rows], data.y[fit_rows], data.environments()[fit_rows], seed)
-    observed = _records(data.X, export, data.spec, score, np.random.default_rng(seed))
-    clean = observed
-    if export.epsilon is not None:
-        clean = _records(data.X, export.model_copy(update={"epsilon": None}), data.spec, score, None)
-    return observed, clean, export
+@dataclass(frozen=True)
+class AttackSplit:
+    """What every level's attackers share: the attacked rows, their attacker-training / held-out
+    split, the text side's embedding (retrieval's target) and each prompt's content words."""
+
+    data: LabelledSet  # the attacked rows only
+    train: np.ndarray
+    test: np.ndarray
+    embedding: np.ndarray
+    words: list[set[str]]
+
+    @classmethod
+    def of(cls, data: LabelledSet, rows: np.ndarray, texts: Sequence[str], seed: int = 0) -> AttackSplit:
+        train, test = holdout_split(len(rows), seed)
+        embedding, _ = embed_texts(texts, train, seed)
+        return cls(data.subset(rows), train, test, embedding, [content_words(t) for t in texts])
 
 
-def _records(X, export: ExportSpec, spec, score, rng) -> np.ndarray:
-    if isinstance(score, _Exact):
-        return score(X)[:, None]
-    return reduce(X, export, spec, score=score, rng=rng)
+@dataclass(frozen=True)
+class DetectionFolds:
+    """LODO and wrapper folds, each as its (train, test) subsets: the same for every level."""
+
+    folds: dict[str, list[tuple[str, LabelledSet, LabelledSet]]]
+
+    @classmethod
+    def of(cls, data: LabelledSet, seed: int = 0) -> DetectionFolds:
+        protocols = {"lodo": lodo_folds(data, seed=seed), "wrapper": family_folds(data)}
+        return cls(
+            {
+                name: [(f.held_out, data.subset(f.train), data.subset(f.test)) for f in folds]
+                for name, folds in protocols.items()
+            }
+        )
 
 
-def detection(recipe: Recipe, data: LabelledSet, *, seed: int = 0) -> dict[str, Any]:
+def detection(recipe: Recipe, folds: DetectionFolds, *, seed: int = 0) -> dict[str, Any]:
     """LODO and wrapper AUROC / TPR at 1% FPR of one level, fitted per fold on training rows."""
     out: dict[str, Any] = {}
-    for protocol, folds in (("lodo", lodo_folds(data, seed=seed)), ("wrapper", family_folds(data))):
+    for protocol, entries in folds.folds.items():
         per_fold = {}
-        for fold in folds:
-            train, test = data.subset(fold.train), data.subset(fold.test)
+        for held_out, train, test in entries:
             export, score = recipe.fit(train.X, train.y, train.environments(), seed)
             rng = np.random.default_rng(seed)
-            R_train = _records(train.X, export, data.spec, score, rng)
-            R_test = _records(test.X, export, data.spec, score, rng)
+            R_train = recipe.records(train.X, export, train.spec, score, rng)
+            R_test = recipe.records(test.X, export, train.spec, score, rng)
             if export.level == ExportLevel.score:
                 s = R_test[:, 0]  # the daemon's score is the record's value
             else:
                 s = _detector(R_train, train.y, seed).decision_function(R_test)
-            per_fold[fold.held_out] = {"auroc": auroc(test.y, s), "tpr@1%fpr": tpr_at_fpr(test.y, s, 0.01)}
+            per_fold[held_out] = {"auroc": auroc(test.y, s), "tpr@1%fpr": tpr_at_fpr(test.y, s, 0.01)}
         out[protocol] = {
             "folds": per_fold,
             "auroc": float(np.mean([f["auroc"] for f in per_fold.values()])),
@@ -185,44 +203,44 @@ def detection(recipe: Recipe, data: LabelledSet, *, seed: int = 0) -> dict[str, 
 
 def leakage(
     recipe: Recipe,
-    data: LabelledSet,
-    rows: np.ndarray,
+    split: AttackSplit,
     texts: Sequence[str],
     *,
     top_n: int = 100,
     pools: Sequence[int] = (100, 1000),
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The invert attackers on one level's records of ``rows`` (aligned with ``texts``)."""
-    train, test = holdout_split(len(rows), seed)
-    sub = data.subset(rows)
-    observed, clean, export = _reduced(recipe, sub, train, seed)
-    E, _ = embed_texts(texts, train, seed)
-    words_of = [content_words(t) for t in texts]
+    """The invert attackers on one level's records of the attacked rows (aligned with ``texts``).
+    The level is fitted on the attacker's training rows; with randomised response the attacker
+    matches the observed records against the noiseless ones it computes itself."""
+    sub, train, test = split.data, split.train, split.test
+    export, score = recipe.fit(sub.X[train], sub.y[train], sub.environments()[train], seed)
+    observed = recipe.records(sub.X, export, sub.spec, score, np.random.default_rng(seed))
+    clean = observed
+    if export.epsilon is not None:
+        clean = recipe.records(sub.X, export.model_copy(update={"epsilon": None}), sub.spec, score, None)
     attack = AttackData(
         X=observed, texts=list(texts), tokens=sub.prompt_tokens, source=sub.source, domain=sub.domain
     )
-    words = word_recovery({"level": observed}, words_of, train, test, top_n=top_n, seed=seed)
+    words = word_recovery({"level": observed}, split.words, train, test, top_n=top_n, seed=seed)
     return {
         "export": "score/probability (unbinned)" if recipe.exact else export.describe(),
         "privacy": export.privacy(),
         "dim": int(observed.shape[1]),
         "distinct_records": len(np.unique(observed, axis=0)),
         "word_recovery": words,
-        "retrieval": retrieval(observed, E, train, test, seed=seed, pools=pools, candidates=clean),
+        "retrieval": retrieval(
+            observed, split.embedding, train, test, seed=seed, pools=pools, candidates=clean
+        ),
         "revealed": revealed(attack, train, test, seed=seed),
     }
 
 
-def label_floor(
-    data: LabelledSet, rows: np.ndarray, texts: Sequence[str], *, top_n: int = 100, seed: int = 0
-) -> dict[str, Any]:
+def label_floor(split: AttackSplit, *, top_n: int = 100, seed: int = 0) -> dict[str, Any]:
     """The word attackers given only the true harm label: what any level that reveals harm (a
     verdict does, by design) gives away at the least."""
-    train, test = holdout_split(len(rows), seed)
-    words_of = [content_words(t) for t in texts]
-    y = data.y[rows].astype(np.float64)[:, None]
-    return word_recovery({"level": y}, words_of, train, test, top_n=top_n, seed=seed)
+    y = split.data.y.astype(np.float64)[:, None]
+    return word_recovery({"level": y}, split.words, split.train, split.test, top_n=top_n, seed=seed)
 
 
 def summary(row: dict[str, Any]) -> dict[str, float]:
@@ -264,6 +282,8 @@ def frontier(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every recipe's leakage and detection; the first recipe is the reference (``full``)."""
+    split = AttackSplit.of(data, attack_rows, texts, seed)
+    folds = DetectionFolds.of(data, seed)
     rows: list[dict[str, Any]] = []
     for recipe in recipes:
         if progress:
@@ -271,13 +291,13 @@ def frontier(
         row = {
             "name": recipe.name,
             "level": recipe.level.value,
-            "leakage": leakage(recipe, data, attack_rows, texts, top_n=top_n, pools=pools, seed=seed),
-            "detection": detection(recipe, data, seed=seed),
+            "leakage": leakage(recipe, split, texts, top_n=top_n, pools=pools, seed=seed),
+            "detection": detection(recipe, folds, seed=seed),
         }
         row["summary"] = summary(row)
         rows.append(row)
     _DETECTORS.clear()
-    floor = label_floor(data, attack_rows, texts, top_n=top_n, seed=seed)
+    floor = label_floor(split, top_n=top_n, seed=seed)
     full = rows[0]["summary"]
     for row in rows:
         row["goal"] = meets_goal(row["summary"], full)

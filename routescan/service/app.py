@@ -58,10 +58,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         det = detector or Detector.load(resolve_detector(settings.detector))
-        level = settings.resolved_export_level(det.export.level)
-        det = det.at_level(level, epsilon=settings.export_epsilon)
-        if level != ExportLevel.full:
-            log.info("scoring '%s' export-level records (%s)", level.value, det.export.describe())
+        det = settings.scoring_detector(det)
+        if det.export.level != ExportLevel.full:
+            log.info("scoring '%s' export-level records (%s)", det.export.level.value, det.export.describe())
         point = resolve_operating_point(det.card, name=settings.operating_point)
         audit = store or open_store(settings)
         alerts = None

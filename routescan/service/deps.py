@@ -6,7 +6,6 @@ body dependency, so a request without the token is refused before a byte of its 
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
@@ -15,6 +14,7 @@ from fastapi import Depends, HTTPException, Request
 
 from routescan.service.metrics import Metrics
 from routescan.service.scoring import ScoringService
+from routescan.service.settings import is_loopback_host
 from routescan.service.store import AuditStore
 from routescan.telemetry.wire import MEDIA_TYPES as MSGPACK_TYPES
 
@@ -111,12 +111,7 @@ def is_local_peer(request: Request) -> bool:
     """A Unix-socket peer (no address) or a loopback address. A proxy in front makes every peer look
     local: such a daemon relies on the proxy, and docs/deploy.md says so."""
     client = request.client
-    if client is None or not client.host:
-        return True
-    try:
-        return ipaddress.ip_address(client.host).is_loopback
-    except ValueError:
-        return client.host == "localhost"
+    return client is None or not client.host or is_loopback_host(client.host)
 
 
 BodyDep = Annotated[Body, Depends(read_body)]

@@ -128,8 +128,7 @@ def serve(settings: ServiceSettings, *, say: Callable[[str], None]) -> None:
     detector_path = resolve_detector(settings.detector)
     say(f"routescan serve: loading detector {detector_path}")
     det = Detector.load(detector_path)
-    level = settings.resolved_export_level(det.export.level)
-    det = det.at_level(level, epsilon=settings.export_epsilon)
+    det = settings.scoring_detector(det)
     card = det.card
     point = resolve_operating_point(card, name=settings.operating_point)
     say(
@@ -138,7 +137,7 @@ def serve(settings: ServiceSettings, *, say: Callable[[str], None]) -> None:
         f"(threshold {point.threshold:.4f})"
     )
     full_note = ""
-    if level == "full" and not settings.local_only():
+    if det.export.level == "full" and not settings.local_only():
         full_note = (
             "; full records from other hosts are ACCEPTED (allow_full_from_network)"
             if settings.allow_full_from_network

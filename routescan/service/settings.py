@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -25,6 +25,9 @@ from pydantic_settings import (
 from routescan.config import config_dir
 from routescan.privacy.levels import NETWORK_DEFAULT
 from routescan.telemetry.schema import ExportLevel
+
+if TYPE_CHECKING:
+    from routescan.detector.artifact import Detector
 
 # Which YAML file the settings being built read: set for the duration of one load_settings call.
 _YAML_FILE: ContextVar[Path | None] = ContextVar("routescan_service_yaml", default=None)
@@ -150,12 +153,7 @@ class ServiceSettings(BaseSettings):
         return self._token
 
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def local_only(self) -> bool:
         """Only this host can connect: a Unix socket or a loopback bind."""
@@ -173,6 +171,11 @@ class ServiceSettings(BaseSettings):
             return ExportLevel.full
         return NETWORK_DEFAULT
 
+    def scoring_detector(self, detector: Detector) -> Detector:
+        """``detector`` at the export level this daemon scores (:meth:`resolved_export_level`)."""
+        level = self.resolved_export_level(detector.export.level)
+        return detector.at_level(level, epsilon=self.export_epsilon)
+
     def trusted_hosts(self) -> list[str]:
         """Host header values the server answers (``*``: any, for a socket or a token-guarded bind)."""
         if self.uds is not None:
@@ -180,6 +183,16 @@ class ServiceSettings(BaseSettings):
         if self.is_loopback():
             return [*LOOPBACK_HOSTS, "[::1]", *self.allowed_hosts]
         return self.allowed_hosts or ["*"]
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): the bind host or a peer's address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_yaml() -> Path | None:
